@@ -1,0 +1,11 @@
+"""Data modules: every dataset yields ``{"input", "target", "index"}`` batches (see base.py)."""
+
+from kdlab.data import (  # noqa: F401  (registers)
+    cifar,
+    imagefolder,
+    mnist1d,
+)
+from kdlab.data.base import Batch, ClassificationDataModule
+from kdlab.data.registry import DATASETS, create_datamodule, register_dataset
+
+__all__ = ["DATASETS", "Batch", "ClassificationDataModule", "create_datamodule", "register_dataset"]

@@ -1,0 +1,153 @@
+"""The contract every kdlab data module keeps, so schemes never care which dataset they train on.
+
+Batches are dicts ``{"input", "target", "index"}``: ``index`` is the sample's position in the
+training split, which later methods (contrastive memory banks, the soft-label store) key on.
+The training split loses a fixed held-out part (``val_fraction``, drawn with ``split_seed``) that
+is seen with evaluation transforms: it validates, and it fits the teacher's calibration.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from kdlab.errors import ConfigError
+
+
+class Batch(TypedDict):
+    input: torch.Tensor
+    target: torch.Tensor
+    index: torch.Tensor
+
+
+class IndexedDataset(Dataset):
+    """Turn ``(x, y)`` samples into ``{"input", "target", "index"}`` dicts."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        x, y = self.dataset[index]
+        return {"input": x, "target": torch.as_tensor(y, dtype=torch.long), "index": index}
+
+
+class TransformedDataset(Dataset):
+    """Apply ``transform`` to the ``x`` of a base dataset's ``(x, y)`` samples.
+
+    The augmented and the plain view of a training split wrap one loaded copy of it, instead of
+    reading (and holding) the split twice.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Any]) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        x, y = self.base[index]
+        return self.transform(x), y
+
+
+class ClassificationDataModule(L.LightningDataModule, ABC):
+    """Train / held-out / test splits of a classification dataset with dict batches."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        augment: bool = True,
+        root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.augment = augment
+        self.root = root
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @abstractmethod
+    def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        """Return (train split with training transforms, the same split with evaluation
+        transforms, test split). Samples are ``(x, y)`` pairs."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_augmented, train_plain, test = self.build_datasets()
+        n = len(train_augmented)  # type: ignore[arg-type]
+        n_val = round(n * self.val_fraction)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        self.train_set = IndexedDataset(Subset(train_augmented, train_idx))
+        self.val_set = IndexedDataset(Subset(train_plain, val_idx)) if n_val else None
+        self.test_set = IndexedDataset(test)
+
+    @property
+    def has_validation(self) -> bool:
+        self.setup()
+        return self.val_set is not None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        assert dataset is not None, "setup() has not built this split"
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        return self._loader(self.val_set, False, self.eval_batch_size) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, False, self.eval_batch_size)
+
+    def augment_batch(self, batch: Batch) -> Batch:
+        """Augment a whole training batch on its device; datasets that augment per sample (in
+        their transforms) leave this as it is."""
+        return batch
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.augment and self.trainer is not None and self.trainer.training:
+            return self.augment_batch(batch)
+        return batch
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The held-out split, for fitting a calibration; refused when there is none."""
+        if not self.has_validation:
+            raise ConfigError("calibration needs a held-out split: set data.val_fraction > 0")
+        return self._loader(self.val_set, False, self.eval_batch_size)
