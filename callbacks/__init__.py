@@ -1,0 +1,5 @@
+"""Lightning callbacks kdlab installs as ``kdlab.callbacks`` (see pyproject package-dir)."""
+
+from kdlab.callbacks.seeding import EpochSeed
+
+__all__ = ["EpochSeed"]
