@@ -1,0 +1,1 @@
+"""Declarative experiments and tables (YAML), shipped as ``kdlab.experiments`` package data."""

@@ -1,0 +1,88 @@
+"""The experiment and table registries, read from the YAML files shipped in ``kdlab.experiments``.
+
+An experiment file may ``extends: other-experiment`` (or a list): the named files are merged
+first, then this one, then the command-line overrides. ``kdlab run`` also takes a path to any
+YAML file outside the package.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kdlab.config import ExperimentConfig, build_config, load_yaml
+from kdlab.errors import ConfigError
+from kdlab.registry import Registry
+
+EXPERIMENTS: Registry[Path] = Registry("experiment")
+TABLES: Registry[Path] = Registry("table")
+
+
+def _package_dir(package: str) -> Path:
+    return Path(str(resources.files(package)))
+
+
+def experiments_dir() -> Path:
+    return _package_dir("kdlab.experiments")
+
+
+def papers_dir() -> Path:
+    return _package_dir("kdlab.papers")
+
+
+@cache
+def _load_registries() -> None:
+    for path in sorted(experiments_dir().glob("*.yaml")):
+        data = load_yaml(path)
+        _check_name(path, data)
+        EXPERIMENTS.add(path.stem, path, str(data.get("description", "")))
+    for path in sorted((experiments_dir() / "tables").glob("*.yaml")):
+        data = load_yaml(path)
+        _check_name(path, data)
+        TABLES.add(path.stem, path, str(data.get("title", data.get("description", ""))))
+
+
+def _check_name(path: Path, data: dict[str, Any]) -> None:
+    if data.get("name", path.stem) != path.stem:
+        raise ConfigError(f"{path}: 'name: {data['name']}' must equal the file name '{path.stem}'")
+
+
+def experiment_registry() -> Registry[Path]:
+    _load_registries()
+    return EXPERIMENTS
+
+
+def table_registry() -> Registry[Path]:
+    _load_registries()
+    return TABLES
+
+
+def experiment_path(name_or_path: str) -> Path:
+    """A registered experiment name, or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    return experiment_registry().get(name_or_path)
+
+
+def experiment_layers(name_or_path: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML layers of an experiment, bases first (``extends`` resolved, cycles refused)."""
+    if name_or_path in _chain:
+        raise ConfigError(f"experiment 'extends' cycle: {' -> '.join((*_chain, name_or_path))}")
+    path = experiment_path(name_or_path)
+    data = dict(load_yaml(path))
+    bases = data.pop("extends", [])
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for base in bases:
+        layers += experiment_layers(base, (*_chain, name_or_path))
+    data.setdefault("name", path.stem)
+    layers.append((str(path), data))
+    return layers
+
+
+def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentConfig:
+    """The typed config of an experiment with dotted ``key=value`` overrides applied."""
+    return build_config(experiment_layers(name_or_path), list(overrides))

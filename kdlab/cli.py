@@ -1,0 +1,152 @@
+"""The ``kdlab`` command: list what exists, run an experiment, build a comparison table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kdlab.errors import KdlabError
+from kdlab.registry import Registry
+
+KINDS = ("methods", "models", "datasets", "schemes", "experiments", "tables")
+
+
+def _registry(kind: str) -> Registry[Any]:
+    if kind == "methods":
+        from kdlab.methods import METHODS
+
+        return METHODS
+    if kind == "models":
+        from kdlab.models import MODELS
+
+        return MODELS
+    if kind == "datasets":
+        from kdlab.data import DATASETS
+
+        return DATASETS
+    if kind == "schemes":
+        from kdlab.schemes import SCHEMES
+
+        return SCHEMES
+    from kdlab.catalog import experiment_registry, table_registry
+
+    return experiment_registry() if kind == "experiments" else table_registry()
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    for kind in [args.kind] if args.kind else KINDS:
+        registry = _registry(kind)
+        table = Table(title=f"{kind} ({len(registry)})", title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        if kind == "models":
+            table.add_column("timm name")
+            table.add_column("input")
+        for entry in registry.entries():
+            extra = [entry.meta.get("timm_name", ""), entry.meta.get("input", "")] if kind == "models" else []
+            table.add_row(entry.name, entry.description, *extra)
+        console.print(table)
+        if kind == "models":
+            import timm
+
+            console.print(f"...and any of timm's {len(timm.list_models())} models, by their timm name.")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.catalog import load_experiment
+    from kdlab.config import to_dict, to_yaml
+    from kdlab.pipeline import execute_plan, plan_experiment
+
+    config = load_experiment(args.experiment, args.overrides)
+    plan = plan_experiment(config)
+    if args.dry_run:
+        console.print(to_yaml(to_dict(config)), highlight=False, markup=False)
+        for label, run in (("teacher run", plan.teacher_run), ("student run", plan.student_run)):
+            if run is not None:
+                state = "finished" if run.is_finished() else run.status()["state"]
+                console.print(f"{label}: {run.dir} ({state})")
+        return 0
+    outcome = execute_plan(plan)
+    for label, run, metrics in (
+        ("teacher", outcome.teacher_run, outcome.teacher),
+        ("student", outcome.student_run, outcome.student),
+    ):
+        if run is not None and metrics is not None:
+            summary = ", ".join(
+                f"{key.removeprefix('test/')} {metrics[key]:.3f}"
+                for key in ("test/top1", "test/nll", "test/ece")
+                if key in metrics
+            )
+            console.print(f"[bold]{label}[/bold] {run.dir}: {summary}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.tables import load_table, run_table, write_outputs
+
+    spec = load_table(args.name)
+    seeds = list(range(args.seeds if args.seeds is not None else spec.seeds))
+    if not seeds:
+        raise KdlabError(f"--seeds must be at least 1, got {args.seeds}")
+    result = run_table(spec, seeds, args.overrides, console)
+    write_outputs(result, Path(args.out), console)
+    return 1 if any(cell.error for cell in result.cells) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdlab", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's info messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("list", help="what exists, with one-line descriptions")
+    listing.add_argument("kind", nargs="?", choices=KINDS)
+    listing.set_defaults(handler=cmd_list)
+
+    run = commands.add_parser("run", help="run a named experiment (teacher -> calibration -> student)")
+    run.add_argument("experiment", help="a name from `kdlab list experiments`, or a path to a YAML file")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method.name=kd seed=1")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the resolved config only")
+    run.set_defaults(handler=cmd_run)
+
+    table = commands.add_parser("table", help="run or reuse every cell of a table and render it")
+    table.add_argument("name", help="a name from `kdlab list tables`")
+    table.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every cell")
+    table.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the table's)")
+    table.add_argument("--out", default="results", help="folder for the markdown, CSV, PNG and JSON")
+    table.set_defaults(handler=cmd_table)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`kdlab table t --seeds 3 key=value`): collect the stragglers.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    # Tables are wide: when output goes to a file or CI log, do not wrap them at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    if not args.verbose:
+        import lightning.pytorch  # noqa: F401 - it sets its own log level on import; override after
+
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return args.handler(args, console)
+    except KdlabError as error:
+        print(f"kdlab: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

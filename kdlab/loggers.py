@@ -1,0 +1,99 @@
+"""Loggers for a run: CSV always; W&B online when logged in and reachable, else offline files.
+
+W&B must never block or crash a run: the mode is decided up front (no login or no network means
+offline), and any failure to start it downgrades to CSV-only with a warning.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from kdlab.config import RuntimeConfig
+from kdlab.errors import ConfigError
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_mode(setting: str) -> str:
+    """Resolve ``auto`` to ``online`` only when there is a login and the server answers."""
+    if setting not in WANDB_MODES:
+        raise ConfigError(f"runtime.wandb must be one of {', '.join(WANDB_MODES)}, got '{setting}'")
+    if setting != "auto":
+        return setting
+    env_mode = os.environ.get("WANDB_MODE", "")
+    if env_mode in ("offline", "disabled", "online"):
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    if not _has_login(host) or not _reachable(host):
+        return "offline"
+    return "online"
+
+
+def _has_login(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(host: str, timeout: float = 1.5) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def make_loggers(
+    run_dir: Path, runtime: RuntimeConfig, name: str, job_type: str, config: dict[str, Any], attempt: int
+) -> list[Logger]:
+    """CSV logger (one folder per attempt) plus, unless disabled, W&B with files in the run folder."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version=f"attempt-{attempt}")]
+    mode = wandb_mode(runtime.wandb)
+    if mode == "disabled":
+        return loggers
+    try:
+        import wandb
+
+        experiment = wandb.init(
+            name=name,
+            project=runtime.wandb_project,
+            entity=runtime.wandb_entity,
+            group=runtime.wandb_group or name.split("/")[0],
+            job_type=job_type,
+            dir=str(run_dir),
+            id=f"{name.split('/')[0]}-{run_dir.name}"[-64:],  # a resumed run continues its W&B run
+            resume="allow",
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(quiet=True, console="off", init_timeout=30, disable_git=True),
+        )
+        loggers.append(WandbLogger(experiment=experiment))
+    except Exception as error:  # noqa: BLE001 - W&B is optional; the run goes on without it
+        warnings.warn(f"W&B logging disabled for this run: {error}", stacklevel=2)
+    return loggers
+
+
+def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:
+    """Final metrics into each W&B run's summary; then close W&B so its files are complete."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                logger.experiment.summary.update(
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+                )
+                logger.experiment.finish()
+            except Exception as error:  # noqa: BLE001 - a summary is not worth a failed run
+                warnings.warn(f"could not write the W&B summary: {error}", stacklevel=2)

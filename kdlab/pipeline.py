@@ -1,0 +1,368 @@
+"""``kdlab run``: plan (validate everything, train nothing), then teacher -> calibration -> student.
+
+Planning builds every part once on a two-sample dry run, so a bad name, option, layer or class
+count fails in seconds with one line, before any run folder is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from kdlab.config import ExperimentConfig, TeacherConfig
+from kdlab.data import ClassificationDataModule, create_datamodule
+from kdlab.errors import CheckpointError, ConfigError, KdlabError
+from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
+from kdlab.files import atomic_write_bytes, atomic_write_json
+from kdlab.loggers import log_summary, wandb_mode
+from kdlab.methods import METHODS, Method, create_method, resolve_weights
+from kdlab.models import count_parameters, create_model
+from kdlab.optim import OPTIMIZERS, SCHEDULES
+from kdlab.plots import reliability_diagram
+from kdlab.runs import TEACHER_GROUP, Run, check_checkpoint
+from kdlab.schemes import SCHEMES, FrozenTeacher
+from kdlab.teachers.calibration import CALIBRATORS, calibration_report, collect_logits
+from kdlab.training import fit_and_test
+
+MODEL_FILE_FORMAT = "kdlab-model/1"
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, validated; ``teacher_run`` is None when the method needs no teacher."""
+
+    config: ExperimentConfig
+    datamodule: ClassificationDataModule
+    student: nn.Module
+    method: Method
+    weights: dict[str, float]
+    student_run: Run
+    teacher_run: Run | None
+    teacher: nn.Module | None
+
+
+def plan_experiment(config: ExperimentConfig) -> Plan:
+    SCHEMES.get(config.scheme)
+    wandb_mode(config.runtime.wandb)
+    method_cls = METHODS.get(config.method.name)
+    weights = resolve_weights(method_cls, config.method.weights)
+    method = create_method(config.method)
+    datamodule = create_datamodule(config.data)
+    _check_recipe("student", config.student.train)
+
+    student = _build("student", config.student.model.name, config.student.model.kwargs, datamodule, config.seed)
+    teacher: nn.Module | None = None
+    teacher_run: Run | None = None
+    if method_cls.needs_teacher:
+        if config.teacher.checkpoint is None:
+            _check_recipe("teacher", config.teacher.train)
+        if config.teacher.calibration.method != "none":
+            CALIBRATORS.get(config.teacher.calibration.method)
+        teacher = _build("teacher", config.teacher.model.name, config.teacher.model.kwargs, datamodule, config.seed)
+        teacher_run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config))
+        if config.teacher.checkpoint is not None:
+            load_model_weights(teacher, Path(config.teacher.checkpoint))
+    _dry_run(student, teacher, method, datamodule)
+
+    student_run = Run.for_spec(config.runtime.runs_dir, config.name, student_spec(config, teacher_run))
+    for run in (teacher_run, student_run):
+        if run is not None and not run.is_finished():
+            run.resumable_checkpoint()
+    return Plan(config, datamodule, student, method, weights, student_run, teacher_run, teacher)
+
+
+def teacher_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """What determines a teacher: shared by every student whose experiment resolves to it."""
+    teacher: TeacherConfig = config.teacher
+    spec: dict[str, Any] = {
+        "stage": "teacher",
+        "seed": config.seed,
+        "data": asdict(config.data),
+        "model": asdict(teacher.model),
+        "calibration": asdict(teacher.calibration),
+    }
+    if teacher.checkpoint is None:
+        spec["train"] = asdict(teacher.train)
+    else:
+        spec["checkpoint"] = str(Path(teacher.checkpoint).resolve())
+    return spec
+
+
+def student_spec(config: ExperimentConfig, teacher_run: Run | None) -> dict[str, Any]:
+    """The whole experiment minus what never changes the numbers (runtime, description)."""
+    spec: dict[str, Any] = {
+        "stage": "student",
+        "seed": config.seed,
+        "scheme": config.scheme,
+        "data": asdict(config.data),
+        "student": asdict(config.student),
+        "method": asdict(config.method),
+    }
+    if teacher_run is not None:
+        spec["teacher"] = {
+            "run": teacher_run.hash,
+            "use_calibrated_logits": config.teacher.use_calibrated_logits,
+        }
+    return spec
+
+
+def _check_recipe(role: str, train: Any) -> None:
+    OPTIMIZERS.get(train.optimizer.name)
+    SCHEDULES.get(train.schedule.name)
+    if train.epochs < 1:
+        raise ConfigError(f"{role}.train.epochs must be at least 1, got {train.epochs}")
+
+
+def _build(role: str, name: str, kwargs: dict[str, Any], datamodule: ClassificationDataModule, seed: int) -> nn.Module:
+    """Build a model for the dataset's class count; same seed, same initial weights."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("num_classes", datamodule.num_classes)
+    torch.manual_seed(seed)
+    try:
+        return create_model(name, **kwargs)
+    except KdlabError as error:
+        raise type(error)(f"{role}: {error}") from None
+
+
+@torch.no_grad()
+def _dry_run(
+    student: nn.Module, teacher: nn.Module | None, method: Method, datamodule: ClassificationDataModule
+) -> None:
+    """Two fake samples through every part: shapes, class counts and layer names agree."""
+    sample = torch.zeros(2, *datamodule.input_shape)
+    outputs: dict[str, ModelOutput] = {}
+    for role, model, taps in (
+        ("student", student, method.student_taps),
+        ("teacher", teacher, method.teacher_taps),
+    ):
+        if model is None:
+            continue
+        hooks = FeatureTaps(model, taps, role=role)
+        was_training = model.training
+        model.eval()
+        try:
+            outputs[role] = tapped_forward(model, hooks, sample)
+        except RuntimeError as error:
+            raise ConfigError(
+                f"{role} model {type(model).__name__} cannot take {type(datamodule).__name__} inputs"
+                f" of shape {list(datamodule.input_shape)}: {str(error).splitlines()[0]}"
+            ) from None
+        finally:
+            hooks.remove()
+            model.train(was_training)
+        classes = outputs[role].logits.shape[-1]
+        if classes != datamodule.num_classes:
+            raise ConfigError(
+                f"num_classes mismatch: {role} outputs {classes} classes but the dataset has {datamodule.num_classes}"
+            )
+    method.setup(outputs["student"], outputs.get("teacher"))
+
+
+def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
+    """Load a kdlab ``model.pt``, a Lightning checkpoint of a kdlab run, or a bare state dict."""
+    payload = check_checkpoint(path)
+    if isinstance(payload, dict) and payload.get("format") == MODEL_FILE_FORMAT:
+        state = payload["state_dict"]
+    elif isinstance(payload, dict) and "state_dict" in payload:
+        state = {k.removeprefix("student."): v for k, v in payload["state_dict"].items() if k.startswith("student.")}
+        state = state or payload["state_dict"]
+    elif isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state = payload["model"]
+    elif isinstance(payload, dict):
+        state = payload
+    else:
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not model weights")
+    result = model.load_state_dict(state, strict=False)
+    mismatch = [*result.missing_keys, *result.unexpected_keys]
+    if mismatch:
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}: missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}"
+        )
+    return payload if isinstance(payload, dict) else {}
+
+
+def save_model(path: Path, model: nn.Module, name: str, kwargs: dict[str, Any], **extra: Any) -> None:
+    """The trained model alone, atomically: what students load and what export will read."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format": MODEL_FILE_FORMAT,
+            "model": name,
+            "kwargs": kwargs,
+            "state_dict": model.state_dict(),
+            **extra,
+        },
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _execute(run: Run, label: str, work: Any) -> dict[str, Any]:
+    """Reuse a finished run, else run ``work`` under the run's lock with status bookkeeping."""
+    with run.lock():
+        if run.is_finished():
+            print(f"[kdlab] {label}: reusing finished run {run.dir}")
+            return run.metrics()
+        run.prepare()
+        run.set_status("running")
+        print(f"[kdlab] {label}: {run.dir}")
+        try:
+            metrics = work()
+        except BaseException as error:
+            run.set_status("failed", error=f"{type(error).__name__}: {error}".splitlines()[0])
+            raise
+        run.finish(metrics)
+        return metrics
+
+
+def ensure_teacher(plan: Plan) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or load) and calibrate the teacher unless a finished run with its config exists."""
+    config, run = plan.config, plan.teacher_run
+    assert run is not None and plan.teacher is not None
+    teacher = plan.teacher
+
+    def work() -> dict[str, Any]:
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        loggers: list[Any] = []
+        if config.teacher.checkpoint is None:
+            system = SCHEMES.get("offline")(
+                student=teacher,
+                method=METHODS.get("ce")(),
+                weights={"ce": 1.0},
+                train=config.teacher.train,
+                num_classes=plan.datamodule.num_classes,
+                calibration_bins=config.teacher.calibration.bins,
+            )
+            metrics, loggers = fit_and_test(
+                system,
+                plan.datamodule,
+                run,
+                config.teacher.train,
+                config.runtime,
+                config.seed,
+                f"{config.name}/teacher",
+                "teacher",
+            )
+        metrics.update(calibrate(teacher, plan, run))
+        metrics["params"] = count_parameters(teacher)
+        metrics["model"] = config.teacher.model.name
+        metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+        save_model(
+            run.model_path,
+            teacher,
+            config.teacher.model.name,
+            config.teacher.model.kwargs,
+            temperature=metrics["calibration/temperature"],
+            calibration_method=config.teacher.calibration.method,
+        )
+        log_summary(loggers, metrics)
+        return metrics
+
+    metrics = _execute(run, "teacher", work)
+    load_model_weights(teacher, run.model_path)  # a reused run's weights; a fresh run's, unchanged
+    return teacher, metrics
+
+
+def calibrate(model: nn.Module, plan: Plan, run: Run) -> dict[str, Any]:
+    """Fit the configured calibration on the held-out split; report test metrics before/after."""
+    cfg = plan.config.teacher.calibration
+    device = next(model.parameters()).device
+    test_logits, test_targets = collect_logits(model, plan.datamodule.test_dataloader(), device)
+    if cfg.method == "none":
+        temperature = 1.0
+    else:
+        held_logits, held_targets = collect_logits(model, plan.datamodule.calibration_dataloader(), device)
+        temperature = CALIBRATORS.get(cfg.method)(held_logits, held_targets)
+    report = calibration_report(test_logits, test_targets, temperature, cfg.bins)
+    atomic_write_json(run.dir / "calibration.json", {"method": cfg.method, "temperature": temperature, **report})
+    reliability_diagram(
+        [
+            ("before calibration", test_logits.softmax(-1), report["before"]["ece"]),
+            (f"after (T={temperature:.2f})", (test_logits / temperature).softmax(-1), report["after"]["ece"]),
+        ],
+        test_targets,
+        run.dir / "reliability.png",
+        cfg.bins,
+        title=f"teacher {plan.config.teacher.model.name}, test split",
+    )
+    metrics: dict[str, Any] = {"calibration/temperature": temperature}
+    for when, values in report.items():
+        metrics.update({f"test/{k}" + ("" if when == "before" else "_calibrated"): v for k, v in values.items()})
+    return metrics
+
+
+def build_student_system(plan: Plan, teacher: nn.Module | None, teacher_temperature: float = 1.0) -> L.LightningModule:
+    """The configured scheme around the planned student, method and (frozen) teacher."""
+    frozen = FrozenTeacher(teacher, plan.method.teacher_taps, teacher_temperature) if teacher is not None else None
+    return SCHEMES.get(plan.config.scheme)(
+        student=plan.student,
+        method=plan.method,
+        weights=plan.weights,
+        train=plan.config.student.train,
+        num_classes=plan.datamodule.num_classes,
+        teacher=frozen,
+    )
+
+
+def ensure_student(plan: Plan, teacher: nn.Module | None, teacher_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    config, run = plan.config, plan.student_run
+
+    def work() -> dict[str, Any]:
+        temperature = 1.0
+        if teacher_metrics is not None and config.teacher.use_calibrated_logits:
+            temperature = teacher_metrics["calibration/temperature"]
+        system = build_student_system(plan, teacher, temperature)
+        metrics, loggers = fit_and_test(
+            system,
+            plan.datamodule,
+            run,
+            config.student.train,
+            config.runtime,
+            config.seed,
+            f"{config.name}/student",
+            "student",
+        )
+        metrics["params"] = count_parameters(plan.student)
+        metrics["model"] = config.student.model.name
+        metrics["method"] = config.method.name
+        metrics["weights"] = plan.weights
+        if plan.teacher_run is not None:
+            metrics["teacher_run"] = str(plan.teacher_run.dir)
+        save_model(run.model_path, plan.student, config.student.model.name, config.student.model.kwargs)
+        log_summary(loggers, metrics)
+        return metrics
+
+    return _execute(run, "student", work)
+
+
+@dataclass
+class Outcome:
+    """The finished runs of one experiment."""
+
+    student_run: Run
+    student: dict[str, Any]
+    teacher_run: Run | None = None
+    teacher: dict[str, Any] | None = None
+
+
+def run_experiment(config: ExperimentConfig) -> Outcome:
+    """Plan (validate), then execute."""
+    return execute_plan(plan_experiment(config))
+
+
+def execute_plan(plan: Plan) -> Outcome:
+    """Teacher (reused if finished) -> calibration -> student (reused if finished)."""
+    teacher, teacher_metrics = (None, None)
+    if plan.teacher_run is not None:
+        teacher, teacher_metrics = ensure_teacher(plan)
+    student_metrics = ensure_student(plan, teacher, teacher_metrics)
+    return Outcome(plan.student_run, student_metrics, plan.teacher_run, teacher_metrics)

@@ -1,0 +1,279 @@
+"""``kdlab table``: run or reuse every cell of a comparison table, then render it beside the paper.
+
+A table YAML names rows (an experiment, optionally its teacher stage, optional overrides and the
+key of a published number); each row runs once per seed. Every cell is planned (validated)
+before any of them trains; a cell that fails to train is shown as failed with its run folder, and
+the rest of the table still renders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kdlab.catalog import load_experiment, papers_dir, table_registry
+from kdlab.config import load_yaml
+from kdlab.errors import ConfigError, KdlabError, unknown
+from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.pipeline import Outcome, Plan, execute_plan, plan_experiment
+from kdlab.plots import table_figure
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    metric: str
+    format: Callable[[float], str]
+
+
+def _params(value: float) -> str:
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K"
+
+
+COLUMNS: dict[str, Column] = {
+    "top1": Column("Top-1 (%)", "test/top1", lambda v: f"{v:.2f}"),
+    "nll": Column("NLL", "test/nll", lambda v: f"{v:.3f}"),
+    "ece": Column("ECE (%)", "test/ece", lambda v: f"{v:.2f}"),
+    "ece_calibrated": Column("ECE, T-scaled (%)", "test/ece_calibrated", lambda v: f"{v:.2f}"),
+    "params": Column("Params", "params", _params),
+}
+STAGES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    label: str
+    experiment: str
+    stage: str = "student"
+    published: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    paper: dict[str, Any] | None
+    seeds: int
+    columns: tuple[str, ...]
+    rows: tuple[RowSpec, ...]
+
+
+@dataclass
+class Cell:
+    row: RowSpec
+    seed: int
+    metrics: dict[str, Any] | None = None
+    run_dir: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class TableResult:
+    spec: TableSpec
+    seeds: list[int]
+    cells: list[Cell]
+    wall_seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+def load_paper(key: str) -> dict[str, Any]:
+    path = papers_dir() / f"{key}.yaml"
+    if not path.exists():
+        raise unknown("paper", key, [p.stem for p in papers_dir().glob("*.yaml")])
+    return load_yaml(path)
+
+
+def load_table(name: str) -> TableSpec:
+    """Parse and check a table YAML: columns, stages and published keys must all exist."""
+    path = table_registry().get(name)
+    data = load_yaml(path)
+    paper = load_paper(data["paper"]) if data.get("paper") else None
+    published = (paper or {}).get("numbers", {}).get("top1", {})
+    columns = tuple(data.get("columns", ["top1", "params"]))
+    for column in columns:
+        if column not in COLUMNS:
+            raise unknown(f"column of table '{name}'", column, COLUMNS)
+    rows = []
+    for raw in data.get("rows", []):
+        row = RowSpec(
+            label=raw["label"],
+            experiment=raw["experiment"],
+            stage=raw.get("stage", "student"),
+            published=raw.get("published"),
+            overrides=tuple(raw.get("overrides", [])),
+        )
+        if row.stage not in STAGES:
+            raise ConfigError(
+                f"table '{name}', row '{row.label}': stage must be one of {STAGES}, got '{row.stage}'"
+            )
+        if row.published is not None and row.published not in published:
+            raise unknown(f"published number of paper '{data['paper']}'", row.published, published)
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"table '{name}' has no rows")
+    return TableSpec(name, data.get("title", name), paper, int(data.get("seeds", 1)), columns, tuple(rows))
+
+
+def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) -> list[tuple[Cell, Plan]]:
+    """Validate every cell before anything trains (bad names and overrides fail here)."""
+    planned = []
+    for seed in seeds:
+        for row in spec.rows:
+            config = load_experiment(row.experiment, [*row.overrides, *overrides, f"seed={seed}"])
+            try:
+                plan = plan_experiment(config)
+            except KdlabError as error:
+                raise type(error)(f"table '{spec.name}', row '{row.label}': {error}") from None
+            if row.stage == "teacher" and plan.teacher_run is None:
+                raise ConfigError(
+                    f"table '{spec.name}', row '{row.label}': method '{config.method.name}' has no teacher"
+                )
+            planned.append((Cell(row, seed), plan))
+    return planned
+
+
+def run_table(
+    spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str] = (), console: Console | None = None
+) -> TableResult:
+    console = console or Console()
+    started = time.perf_counter()
+    planned = plan_table(spec, seeds, overrides)
+    for number, (cell, plan) in enumerate(planned, 1):
+        console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
+        try:
+            outcome: Outcome = execute_plan(plan)
+        except Exception as error:  # noqa: BLE001 - one failed cell must not hide the others
+            cell.error = f"{type(error).__name__}: {error}".splitlines()[0]
+            cell.run_dir = plan.student_run.dir if cell.row.stage == "student" else plan.teacher_run.dir  # type: ignore[union-attr]
+            console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
+            continue
+        if cell.row.stage == "teacher":
+            cell.metrics, cell.run_dir = outcome.teacher, outcome.teacher_run.dir  # type: ignore[union-attr]
+        else:
+            cell.metrics, cell.run_dir = outcome.student, outcome.student_run.dir
+    return TableResult(spec, list(seeds), [c for c, _ in planned], time.perf_counter() - started)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(result: TableResult) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """Header, display rows (mean ± std over seeds) and machine-readable rows for the CSV."""
+    spec = result.spec
+    published = (spec.paper or {}).get("numbers", {}).get("top1", {})
+    header = ["Model", *(COLUMNS[c].header for c in spec.columns)]
+    if spec.paper:
+        header += ["Published top-1 (%)", "Δ top-1"]
+    display, records = [], []
+    for row in spec.rows:
+        cells = [c for c in result.cells if c.row == row]
+        done = [c.metrics for c in cells if c.metrics is not None]
+        failed = [c for c in cells if c.error is not None]
+        line, record = [row.label], {"label": row.label, "experiment": row.experiment, "stage": row.stage}
+        record["seeds_done"], record["seeds_failed"] = len(done), len(failed)
+        for name in spec.columns:
+            column = COLUMNS[name]
+            values = [float(m[column.metric]) for m in done if column.metric in m]
+            if not values:
+                line.append("failed" if failed else "—")
+                continue
+            mean, std = _mean_std(values)
+            record[f"{name}_mean"], record[f"{name}_std"] = mean, std
+            line.append(
+                column.format(mean) if name == "params" else f"{column.format(mean)} ± {column.format(std)}"
+            )
+        if spec.paper:
+            reference = published.get(row.published) if row.published else None
+            record["published_top1"] = reference
+            line.append("—" if reference is None else f"{reference}")
+            if reference is not None and "top1_mean" in record:
+                record["delta_top1"] = record["top1_mean"] - reference
+                line.append(f"{record['delta_top1']:+.2f}")
+            else:
+                line.append("—")
+        if failed:
+            line[0] += f" ({len(failed)} failed: see {failed[0].run_dir})"
+        display.append(line)
+        records.append(record)
+    return header, display, records
+
+
+def provenance(result: TableResult) -> str:
+    """Seeds, epochs, wall time and versions: what a reader needs to trust the numbers."""
+    import lightning
+    import torch
+
+    epochs = sorted({int(c.metrics["epochs"]) for c in result.cells if c.metrics and "epochs" in c.metrics})
+    paper = result.spec.paper
+    cite = (
+        f" Published: {paper['authors']}, {paper['title']} ({paper['venue']}); {paper.get('source', '')}"
+        if paper
+        else ""
+    )
+    return (
+        f"Seeds {', '.join(map(str, result.seeds))}; epochs {', '.join(map(str, epochs)) or 'n/a'}; "
+        f"mean ± std over seeds; test split. Wall time {result.wall_seconds / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), {time.strftime('%Y-%m-%d')}. "
+        f"Python {sys.version.split()[0]}, torch {torch.__version__}, lightning {lightning.__version__}."
+        f"{cite}"
+    )
+
+
+def write_outputs(result: TableResult, out_dir: Path, console: Console | None = None) -> list[Path]:
+    """Print the rich table and write markdown, CSV, PNG and the raw per-cell JSON."""
+    console = console or Console()
+    header, display, records = summarize(result)
+    note = provenance(result)
+    table = Table(title=result.spec.title, caption=note, caption_justify="left")
+    for name in header:
+        table.add_column(name, justify="left" if name == "Model" else "right")
+    for line in display:
+        table.add_row(*line)
+    console.print(table)
+
+    stem = out_dir / result.spec.name
+    markdown = [f"# {result.spec.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    markdown += ["| " + " | ".join(line) + " |" for line in display]
+    markdown += ["", note, ""]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(markdown))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=sorted({k for r in records for k in r}, key=_csv_order))
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(stem.with_suffix(".csv"), buffer.getvalue())
+    table_figure(header, display, stem.with_suffix(".png"), title=result.spec.title, footer=note)
+    cells = [
+        {
+            "label": c.row.label,
+            "seed": c.seed,
+            "run_dir": str(c.run_dir),
+            "error": c.error,
+            "metrics": c.metrics,
+        }
+        for c in result.cells
+    ]
+    atomic_write_json(
+        stem.with_suffix(".json"), {"table": result.spec.name, "provenance": note, "cells": cells}
+    )
+    files = [stem.with_suffix(s) for s in (".md", ".csv", ".png", ".json")]
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    return files
+
+
+def _csv_order(key: str) -> tuple[int, str]:
+    first = ["label", "experiment", "stage", "seeds_done", "seeds_failed"]
+    return (first.index(key), key) if key in first else (len(first), key)

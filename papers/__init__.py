@@ -1,0 +1,1 @@
+"""One YAML per paper: citation, protocol and published numbers, shipped as ``kdlab.papers``."""

@@ -1,0 +1,93 @@
+"""Typed configs: YAML layers, dotted overrides, and one-line errors for bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdlab.catalog import experiment_registry, load_experiment, papers_dir, table_registry
+from kdlab.config import ExperimentConfig, build_config, config_hash, load_yaml
+from kdlab.errors import ConfigError, UnknownNameError
+from kdlab.tables import load_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_merged_over_yaml() -> None:
+    config = load_experiment("mnist1d-kd", ["student.train.epochs=7", "method.params.temperature=2", "seed=3"])
+    assert isinstance(config, ExperimentConfig)
+    assert config.student.train.epochs == 7 and config.seed == 3
+    assert config.method.name == "kd" and config.method.params["temperature"] == 2
+    assert config.student.train.optimizer.lr == pytest.approx(0.01)  # from the YAML, not the default
+
+
+def test_extends_merges_base_first() -> None:
+    kd = load_experiment("mnist1d-kd")
+    ce = load_experiment("mnist1d-ce")
+    assert kd.name == "mnist1d-kd" and ce.name == "mnist1d-ce"
+    assert kd.student == ce.student and kd.teacher == ce.teacher
+    assert (kd.method.name, ce.method.name) == ("kd", "ce")
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("student.train.epoch=3", r"bad 'student\.train\.epoch'.*Did you mean: 'epochs'"),
+        ("student.train.epochs=abc", r"bad 'student\.train\.epochs'.*'abc'.*Integer"),
+        ("nonsense=1", r"bad 'nonsense'"),
+        ("seed", r"expected dotted\.key=value"),
+        ("data.batch_size=1.5", r"bad 'data\.batch_size'"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern) as error:
+        load_experiment("mnist1d-kd", [override])
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_experiment_suggests_close_names() -> None:
+    with pytest.raises(UnknownNameError, match=r"unknown experiment 'mnist1d-kdd'; did you mean 'mnist1d-kd'"):
+        load_experiment("mnist1d-kdd")
+
+
+def test_extends_cycle_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_experiment(str(tmp_path / "a.yaml"))
+
+
+def test_a_yaml_file_outside_the_package_runs_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: mnist1d-kd\nstudent: {train: {epochs: 2}}\n")
+    config = load_experiment(str(path))
+    assert config.name == "mine" and config.student.train.epochs == 2 and config.method.name == "kd"
+
+
+def test_config_hash_ignores_key_order_but_not_values() -> None:
+    assert config_hash({"a": 1, "b": {"c": 2}}) == config_hash({"b": {"c": 2}, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_every_yaml_in_the_repository_parses() -> None:
+    """Experiments build typed configs, tables resolve their papers and rows, papers load."""
+    experiments = experiment_registry().names()
+    assert experiments, "no experiments found"
+    for name in experiments:
+        load_experiment(name)
+    for name in table_registry().names():
+        table = load_table(name)
+        for row in table.rows:
+            assert row.experiment in experiments
+    for path in papers_dir().glob("*.yaml"):
+        assert {"title", "authors", "numbers"} <= set(load_yaml(path))
+    yaml_files = {p.resolve() for p in REPO.glob("experiments/**/*.yaml")} | {
+        p.resolve() for p in REPO.glob("papers/*.yaml")
+    }
+    assert len(yaml_files) == len(experiments) + len(table_registry()) + len(list(papers_dir().glob("*.yaml")))
+
+
+def test_build_config_names_the_bad_layer() -> None:
+    with pytest.raises(ConfigError, match=r"^my.yaml: bad 'student\.train\.epochs'"):
+        build_config([("my.yaml", {"student": {"train": {"epochs": "many"}}})])
