@@ -27,7 +27,7 @@ from kdlab.catalog import load_experiment, papers_dir, table_registry
 from kdlab.config import load_yaml
 from kdlab.errors import ConfigError, KdlabError, unknown
 from kdlab.files import atomic_write_json, atomic_write_text
-from kdlab.pipeline import Outcome, Plan, execute_plan, plan_experiment
+from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
 from kdlab.plots import table_figure
 
 
@@ -97,9 +97,11 @@ def load_paper(key: str) -> dict[str, Any]:
 
 
 def load_table(name: str) -> TableSpec:
-    """Parse and check a table YAML: columns, stages and published keys must all exist."""
-    path = table_registry().get(name)
+    """Parse and check a table YAML (a registered name or a path): columns, stages and published
+    keys must all exist."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) and Path(name).exists() else table_registry().get(name)
     data = load_yaml(path)
+    name = path.stem
     paper = load_paper(data["paper"]) if data.get("paper") else None
     published = (paper or {}).get("numbers", {}).get("top1", {})
     columns = tuple(data.get("columns", ["top1", "params"]))
@@ -116,9 +118,7 @@ def load_table(name: str) -> TableSpec:
             overrides=tuple(raw.get("overrides", [])),
         )
         if row.stage not in STAGES:
-            raise ConfigError(
-                f"table '{name}', row '{row.label}': stage must be one of {STAGES}, got '{row.stage}'"
-            )
+            raise ConfigError(f"table '{name}', row '{row.label}': stage must be one of {STAGES}, got '{row.stage}'")
         if row.published is not None and row.published not in published:
             raise unknown(f"published number of paper '{data['paper']}'", row.published, published)
         rows.append(row)
@@ -153,17 +153,15 @@ def run_table(
     planned = plan_table(spec, seeds, overrides)
     for number, (cell, plan) in enumerate(planned, 1):
         console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
+        teacher_row = cell.row.stage == "teacher"
+        run = plan.teacher_run if teacher_row else plan.student_run
+        assert run is not None  # plan_table checked that teacher rows have a teacher
+        cell.run_dir = run.dir
         try:
-            outcome: Outcome = execute_plan(plan)
+            cell.metrics = ensure_teacher(plan)[1] if teacher_row else execute_plan(plan).student
         except Exception as error:  # noqa: BLE001 - one failed cell must not hide the others
             cell.error = f"{type(error).__name__}: {error}".splitlines()[0]
-            cell.run_dir = plan.student_run.dir if cell.row.stage == "student" else plan.teacher_run.dir  # type: ignore[union-attr]
             console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
-            continue
-        if cell.row.stage == "teacher":
-            cell.metrics, cell.run_dir = outcome.teacher, outcome.teacher_run.dir  # type: ignore[union-attr]
-        else:
-            cell.metrics, cell.run_dir = outcome.student, outcome.student_run.dir
     return TableResult(spec, list(seeds), [c for c, _ in planned], time.perf_counter() - started)
 
 
@@ -193,9 +191,7 @@ def summarize(result: TableResult) -> tuple[list[str], list[list[str]], list[dic
                 continue
             mean, std = _mean_std(values)
             record[f"{name}_mean"], record[f"{name}_std"] = mean, std
-            line.append(
-                column.format(mean) if name == "params" else f"{column.format(mean)} ± {column.format(std)}"
-            )
+            line.append(column.format(mean) if name == "params" else f"{column.format(mean)} ± {column.format(std)}")
         if spec.paper:
             reference = published.get(row.published) if row.published else None
             record["published_top1"] = reference
@@ -266,9 +262,7 @@ def write_outputs(result: TableResult, out_dir: Path, console: Console | None = 
         }
         for c in result.cells
     ]
-    atomic_write_json(
-        stem.with_suffix(".json"), {"table": result.spec.name, "provenance": note, "cells": cells}
-    )
+    atomic_write_json(stem.with_suffix(".json"), {"table": result.spec.name, "provenance": note, "cells": cells})
     files = [stem.with_suffix(s) for s in (".md", ".csv", ".png", ".json")]
     console.print("wrote " + ", ".join(str(f) for f in files))
     return files

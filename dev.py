@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""The two commands of the README, runnable on a machine with nothing but Python 3.10+.
+
+    python3 dev.py demo    # set up .venv, then run the MNIST-1D KD comparison table (3 seeds)
+    python3 dev.py test    # set up .venv, then ruff and the whole test suite (slow tests included)
+
+Set-up is idempotent: ``.venv`` is (re)installed only when pyproject.toml changed since the last
+install. Extra arguments go to the underlying command (``kdlab table`` or ``pytest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".kdlab-installed"
+
+
+def run(*command: str | Path) -> None:
+    print("+", " ".join(map(str, command)), flush=True)
+    subprocess.run([str(c) for c in command], cwd=ROOT, check=True)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install kdlab (editable, with test tools) if pyproject.toml changed."""
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[test]")
+    STAMP.write_text(wanted)
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test"):
+        print(__doc__)
+        return 2
+    command, extra = sys.argv[1], sys.argv[2:]
+    ensure_venv()
+    os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
+    if command == "demo":
+        run(BIN / "kdlab", "table", "mnist1d-kd", "--seeds", "3", *extra)
+    else:
+        run(BIN / "ruff", "check", ".")
+        run(BIN / "python", "-m", "pytest", *extra)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as error:
+        sys.exit(error.returncode)
