@@ -107,7 +107,8 @@ class MethodConfig:
 
 @dataclass
 class RuntimeConfig:
-    """Where and how a run executes. Not part of the config hash: it never changes the numbers."""
+    """Where and how a run executes. Not part of the config hash: it changes no result beyond
+    floating-point summation order (thread count, device)."""
 
     runs_dir: str = "runs"
     accelerator: str = "auto"

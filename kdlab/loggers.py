@@ -33,24 +33,27 @@ def wandb_mode(setting: str) -> str:
         return env_mode
     if env_mode == "dryrun":
         return "offline"
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    if not _has_login(host) or not _reachable(host):
+    server = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = server.hostname or "api.wandb.ai"
+    port = server.port or (80 if server.scheme == "http" else 443)
+    if not _has_login(host) or not _reachable(host, port):
         return "offline"
     return "online"
 
 
 def _has_login(host: str) -> bool:
+    """An API key in the environment, or a netrc entry (``$NETRC`` or ~/.netrc, as wandb reads)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
-def _reachable(host: str, timeout: float = 1.5) -> bool:
+def _reachable(host: str, port: int, timeout: float = 1.5) -> bool:
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -91,9 +94,7 @@ def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             try:
-                logger.experiment.summary.update(
-                    {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-                )
+                logger.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
                 logger.experiment.finish()
             except Exception as error:  # noqa: BLE001 - a summary is not worth a failed run
                 warnings.warn(f"could not write the W&B summary: {error}", stacklevel=2)

@@ -11,8 +11,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from kdlab.config import OptimizerConfig, ScheduleConfig
 from kdlab.registry import Registry
 
-OPTIMIZERS: Registry[Callable[[Iterable[torch.nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = (
-    Registry("optimizer")
+OPTIMIZERS: Registry[Callable[[Iterable[torch.nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = Registry(
+    "optimizer"
 )
 SCHEDULES: Registry[Callable[[ScheduleConfig, int], Callable[[int], float]]] = Registry("schedule")
 

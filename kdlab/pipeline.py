@@ -54,7 +54,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     method_cls = METHODS.get(config.method.name)
     weights = resolve_weights(method_cls, config.method.weights)
     method = create_method(config.method)
-    datamodule = create_datamodule(config.data)
+    datamodule = create_datamodule(config.data, config.seed)
     _check_recipe("student", config.student.train)
 
     student = _build("student", config.student.model.name, config.student.model.kwargs, datamodule, config.seed)

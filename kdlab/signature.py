@@ -17,9 +17,7 @@ from kdlab.errors import ConfigError, did_you_mean
 _SCALARS = (bool, int, float, str)
 
 
-def accepted_kwargs(
-    factory: Callable[..., Any], reserved: tuple[str, ...] = ()
-) -> dict[str, inspect.Parameter]:
+def accepted_kwargs(factory: Callable[..., Any], reserved: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
     """Keyword parameters a user may set (``reserved`` ones are filled in by kdlab itself)."""
     params = inspect.signature(factory).parameters
     return {

@@ -19,6 +19,8 @@ from kdlab.runs import Run
 
 # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning 2.6's own use of a torch API that torch 2.9+ deprecates; nothing kdlab can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _attempt_number(run: Run) -> int:
@@ -44,12 +46,9 @@ def fit_and_test(
     attempt = _attempt_number(run)
     loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt)
     callbacks: list[Callback] = [
+        # No monitor and top-1: "last.ckpt" is rewritten (atomically) at the end of every epoch.
         ModelCheckpoint(
-            dirpath=run.checkpoint_dir,
-            save_last=True,
-            save_top_k=0,
-            every_n_epochs=1,
-            enable_version_counter=False,
+            dirpath=run.checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
         ),
         EpochSeed(seed),
     ]
@@ -75,12 +74,10 @@ def fit_and_test(
     started = time.perf_counter()
     trainer.fit(system, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
     train_seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {
-        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
-    }
-    metrics.update(
-        {k: float(v) for k, v in trainer.test(system, datamodule=datamodule, verbose=False)[0].items()}
-    )
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if not metrics and datamodule.has_validation:  # resumed after the last epoch: validation did not run
+        metrics = {k: float(v) for k, v in trainer.validate(system, datamodule=datamodule, verbose=False)[0].items()}
+    metrics.update({k: float(v) for k, v in trainer.test(system, datamodule=datamodule, verbose=False)[0].items()})
     metrics["epochs"] = trainer.current_epoch
     metrics["train_seconds_this_attempt"] = round(train_seconds, 3)
     metrics["attempts"] = attempt

@@ -9,12 +9,12 @@ is seen with evaluation transforms: it validates, and it fits the teacher's cali
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypedDict
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdlab.errors import ConfigError
 
@@ -58,6 +58,29 @@ class TransformedDataset(Dataset):
         return self.transform(x), y
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before each epoch, so a resumed run replays exactly the order an
+    uninterrupted run would have drawn, whatever happened to the global random stream before.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.size, generator=generator).tolist()
+
+
 class ClassificationDataModule(L.LightningDataModule, ABC):
     """Train / held-out / test splits of a classification dataset with dict batches."""
 
@@ -74,6 +97,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         split_seed: int = 0,
         augment: bool = True,
         root: str | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -87,6 +111,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.split_seed = split_seed
         self.augment = augment
         self.root = root
+        self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -113,12 +138,15 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.setup()
         return self.val_set is not None
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         assert dataset is not None, "setup() has not built this split"
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # Its own generator: creating an iterator never draws from the global random stream
+            # that augmentation and dropout use, so that stream is the same in a resumed epoch.
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -126,15 +154,16 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, True, self.batch_size)
+        assert self.train_set is not None
+        return self._loader(self.train_set, self.batch_size, EpochShuffle(len(self.train_set), self.shuffle_seed))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
-        return self._loader(self.val_set, False, self.eval_batch_size) if self.val_set is not None else []
+        return self._loader(self.val_set, self.eval_batch_size) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader(self.test_set, self.eval_batch_size)
 
     def augment_batch(self, batch: Batch) -> Batch:
         """Augment a whole training batch on its device; datasets that augment per sample (in
@@ -150,4 +179,4 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         """The held-out split, for fitting a calibration; refused when there is none."""
         if not self.has_validation:
             raise ConfigError("calibration needs a held-out split: set data.val_fraction > 0")
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader(self.val_set, self.eval_batch_size)

@@ -75,11 +75,7 @@ class _CIFARDataModule(ClassificationDataModule):
             train = self.dataset_class(root, train=True, download=False)
             test = self.dataset_class(root, train=False, transform=plain, download=False)
         except RuntimeError:
-            corrupt = [
-                n
-                for n, md5 in expected_files(self.dataset_class)
-                if not check_integrity(self.folder / n, md5)
-            ]
+            corrupt = [n for n, md5 in expected_files(self.dataset_class) if not check_integrity(self.folder / n, md5)]
             if not corrupt:
                 raise
             raise ConfigError(
@@ -94,9 +90,7 @@ class _CIFARDataModule(ClassificationDataModule):
         )
 
 
-@register_dataset(
-    "cifar10", "CIFAR-10: 32x32 RGB, 10 classes, 50000 train / 10000 test (files under data.root)"
-)
+@register_dataset("cifar10", "CIFAR-10: 32x32 RGB, 10 classes, 50000 train / 10000 test (files under data.root)")
 class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10 with the standard crop-and-flip training augmentation."""
 

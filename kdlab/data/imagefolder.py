@@ -51,17 +51,13 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _split_dirs(self) -> tuple[Path, Path]:
         if self.root is None:
-            raise ConfigError(
-                "dataset 'imagefolder' needs data.root: the folder holding train/ and val/ (or test/)"
-            )
+            raise ConfigError("dataset 'imagefolder' needs data.root: the folder holding train/ and val/ (or test/)")
         root = Path(self.root).expanduser()
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         eval_dirs = [root / name for name in EVAL_SPLITS if (root / name).is_dir()]
         if "train" not in found or not eval_dirs:
             listing = ", ".join(found) if found else ("nothing" if root.is_dir() else "no such folder")
-            raise ConfigError(
-                f"dataset 'imagefolder': {root} must hold train/ and val/ (or test/); found: {listing}"
-            )
+            raise ConfigError(f"dataset 'imagefolder': {root} must hold train/ and val/ (or test/); found: {listing}")
         return root / "train", eval_dirs[0]
 
     def _classes(self) -> list[str]:

@@ -23,9 +23,7 @@ from kdlab.files import atomic_write_bytes, cache_dir
 SIGNAL_LENGTH = 40
 
 
-def mnist1d_arrays(
-    num_samples: int = 5000, dataset_seed: int = 42, shuffle_seq: bool = False
-) -> dict[str, np.ndarray]:
+def mnist1d_arrays(num_samples: int = 5000, dataset_seed: int = 42, shuffle_seq: bool = False) -> dict[str, np.ndarray]:
     """The dataset as arrays ``x, y, x_test, y_test`` (80/20 split, like the reference)."""
     args = {
         "num_samples": num_samples,

@@ -20,9 +20,10 @@ def register_dataset(
     return DATASETS.register(name, description)
 
 
-def create_datamodule(config: DataConfig) -> ClassificationDataModule:
-    """Instantiate the configured data module; its own options come from ``data.kwargs``."""
+def create_datamodule(config: DataConfig, seed: int = 0) -> ClassificationDataModule:
+    """Instantiate the configured data module (shuffled by the run's ``seed``); its own options
+    come from ``data.kwargs``."""
     cls = DATASETS.get(config.name)
-    own = check_kwargs(cls, config.kwargs, f"dataset '{config.name}'", reserved=_COMMON)
+    own = check_kwargs(cls, config.kwargs, f"dataset '{config.name}'", reserved=(*_COMMON, "shuffle_seed"))
     common = {key: getattr(config, key) for key in _COMMON}
-    return cls(**common, **own)
+    return cls(**common, **own, shuffle_seed=seed)

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
-) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton et al. 2015: ``T^2 * mean_batch KL(softmax(t/T) || softmax(s/T))``.
 
     The ``T^2`` factor keeps the gradient scale independent of ``T``, as in the paper and in

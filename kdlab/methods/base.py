@@ -52,7 +52,5 @@ class Method(nn.Module, ABC):
         """Build parts whose shapes depend on the models (called once, on a dry-run batch)."""
 
     @abstractmethod
-    def forward(
-        self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         """Return the method's loss terms by name (all but ``ce``)."""

@@ -18,7 +18,5 @@ class CrossEntropyOnly(Method):
     needs_teacher = False
     default_weights = {"ce": 1.0}
 
-    def forward(
-        self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         return {}

@@ -32,8 +32,6 @@ class KnowledgeDistillation(Method):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(
-        self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None
         return {"kd": kd_loss(student.logits, teacher.logits, self.temperature)}

@@ -28,7 +28,7 @@ class LossLog:
         step = module.global_step
         if step % module.trainer.log_every_n_steps:
             return
-        record = {f"train/{name}_step": float(value) for name, value in terms.items()}
+        record = {f"train/{name}_step": float(value.detach()) for name, value in terms.items()}
         bad = {name: value for name, value in record.items() if not math.isfinite(value)}
         if bad:  # a diverged run must fail, not finish with meaningless metrics
             raise FloatingPointError(f"non-finite loss at epoch {module.current_epoch}, step {step}: {bad}")

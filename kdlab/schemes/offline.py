@@ -23,9 +23,7 @@ from kdlab.schemes.teacher import FrozenTeacher
 TEACHER_PREFIX = "teacher."
 
 
-@register_scheme(
-    "offline", "frozen teacher -> student (Hinton-style); with method=ce, plain supervised training"
-)
+@register_scheme("offline", "frozen teacher -> student (Hinton-style); with method=ce, plain supervised training")
 class OfflineDistillation(L.LightningModule):
     """The system: student + method (+ frozen teacher). Loss = sum of weighted named terms."""
 
@@ -103,9 +101,7 @@ class OfflineDistillation(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def _drop_teacher_state(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
+def _drop_teacher_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
         del state_dict[key]
 

@@ -11,7 +11,5 @@ from kdlab.registry import Registry
 SCHEMES: Registry[type[L.LightningModule]] = Registry("scheme")
 
 
-def register_scheme(
-    name: str, description: str
-) -> Callable[[type[L.LightningModule]], type[L.LightningModule]]:
+def register_scheme(name: str, description: str) -> Callable[[type[L.LightningModule]], type[L.LightningModule]]:
     return SCHEMES.register(name, description)

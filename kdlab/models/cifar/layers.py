@@ -31,9 +31,7 @@ def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.
     """Identity when the residual keeps its shape, else a strided 1x1 conv + BN to match it."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-    )
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
 
 class ChannelShuffle(nn.Module):

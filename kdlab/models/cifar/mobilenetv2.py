@@ -72,9 +72,7 @@ class MobileNetV2(nn.Module):
         return self.fc(self.pool(self.conv_head(x)))
 
 
-@register_model(
-    "mobilenetv2", "cifar_mobilenetv2", "CIFAR MobileNetV2 x0.5 (0.81M), a CRD/DKD student", "image"
-)
+@register_model("mobilenetv2", "cifar_mobilenetv2", "CIFAR MobileNetV2 x0.5 (0.81M), a CRD/DKD student", "image")
 def mobilenetv2(num_classes: int = 100, expand_ratio: int = 6, width_mult: float = 0.5) -> MobileNetV2:
     """MobileNetV2 (half width by default): the student of vgg13 and resnet50 in CRD/DKD."""
     return MobileNetV2(num_classes, expand_ratio, width_mult)

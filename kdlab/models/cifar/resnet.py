@@ -39,9 +39,7 @@ class CifarResNet(nn.Module):
 
     feature_taps = ("stem", "layer1", "layer2", "layer3", "pool")
 
-    def __init__(
-        self, depth: int, widths: tuple[int, int, int, int] = NARROW, num_classes: int = 100
-    ) -> None:
+    def __init__(self, depth: int, widths: tuple[int, int, int, int] = NARROW, num_classes: int = 100) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")

@@ -67,9 +67,7 @@ class BottleneckResNet(nn.Module):
         return self.fc(self.pool(x))
 
 
-@register_model(
-    "resnet50", "cifar_resnet50", "CIFAR ResNet-50 (23.71M), a CRD/DKD cross-architecture teacher", "image"
-)
+@register_model("resnet50", "cifar_resnet50", "CIFAR ResNet-50 (23.71M), a CRD/DKD cross-architecture teacher", "image")
 def resnet50(num_classes: int = 100) -> BottleneckResNet:
     """ResNet-50 (3, 4, 6, 3 bottlenecks) for 32x32 inputs: teaches mobilenetv2 and vgg8 in CRD/DKD."""
     return BottleneckResNet((3, 4, 6, 3), num_classes)

@@ -23,9 +23,7 @@ class ShuffleUnit(nn.Module):
     ``out_channels - in_channels`` channels. ``out_act`` sees the pre-ReLU sum or concatenation.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int, groups: int, group_first: bool
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int, group_first: bool) -> None:
         super().__init__()
         branch_channels = out_channels - in_channels if stride == 2 else out_channels
         mid = branch_channels // 4
@@ -74,9 +72,7 @@ class ShuffleNetV1(nn.Module):
         return self.fc(self.pool(x))
 
 
-@register_model(
-    "shufflenetv1", "cifar_shufflenetv1", "CIFAR ShuffleNetV1 g=3 (0.95M), a CRD/DKD student", "image"
-)
+@register_model("shufflenetv1", "cifar_shufflenetv1", "CIFAR ShuffleNetV1 g=3 (0.95M), a CRD/DKD student", "image")
 def shufflenetv1(num_classes: int = 100) -> ShuffleNetV1:
     """ShuffleNetV1 (3 groups): the student of resnet32x4 and wrn_40_2 in CRD/DKD."""
     return ShuffleNetV1(num_classes)

@@ -77,9 +77,7 @@ class ShuffleNetV2(nn.Module):
         in_channels = STEM_CHANNELS
         stages = []
         for channels, count in zip(widths, BLOCKS, strict=True):
-            stages.append(
-                nn.Sequential(DownUnit(in_channels, channels), *(SplitUnit(channels) for _ in range(count)))
-            )
+            stages.append(nn.Sequential(DownUnit(in_channels, channels), *(SplitUnit(channels) for _ in range(count))))
             in_channels = channels
         self.layer1, self.layer2, self.layer3 = stages
         self.conv_head = ConvBN(in_channels, head_channels)
@@ -91,9 +89,7 @@ class ShuffleNetV2(nn.Module):
         return self.fc(self.pool(self.conv_head(x)))
 
 
-@register_model(
-    "shufflenetv2", "cifar_shufflenetv2", "CIFAR ShuffleNetV2 1x (1.36M), a CRD/DKD student", "image"
-)
+@register_model("shufflenetv2", "cifar_shufflenetv2", "CIFAR ShuffleNetV2 1x (1.36M), a CRD/DKD student", "image")
 def shufflenetv2(num_classes: int = 100, width: float = 1.0) -> ShuffleNetV2:
     """ShuffleNetV2 (1x by default): the student of resnet32x4 in CRD/DKD."""
     return ShuffleNetV2(num_classes, width)

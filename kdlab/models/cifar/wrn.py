@@ -27,9 +27,7 @@ class PreActBlock(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(drop_rate)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.shortcut = (
-            None if in_channels == channels else nn.Conv2d(in_channels, channels, 1, stride, bias=False)
-        )
+        self.shortcut = None if in_channels == channels else nn.Conv2d(in_channels, channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = self.act1(self.bn1(x))
