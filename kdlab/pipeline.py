@@ -16,13 +16,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from kdlab.config import ExperimentConfig, TeacherConfig
+from kdlab.config import ExperimentConfig, TeacherConfig, TrainConfig
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.errors import CheckpointError, ConfigError, KdlabError
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
-from kdlab.files import atomic_write_bytes, atomic_write_json
+from kdlab.files import atomic_write_bytes, atomic_write_json, file_sha256
 from kdlab.loggers import log_summary, wandb_mode
 from kdlab.methods import METHODS, Method, create_method, resolve_weights
+from kdlab.methods.registry import resolved_params
 from kdlab.models import count_parameters, create_model
 from kdlab.optim import OPTIMIZERS, SCHEDULES
 from kdlab.plots import reliability_diagram
@@ -49,6 +50,7 @@ class Plan:
 
 
 def plan_experiment(config: ExperimentConfig) -> Plan:
+    """Check every part of ``config`` and build it, without training or writing anything."""
     SCHEMES.get(config.scheme)
     wandb_mode(config.runtime.wandb)
     method_cls = METHODS.get(config.method.name)
@@ -66,12 +68,13 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
         if config.teacher.calibration.method != "none":
             CALIBRATORS.get(config.teacher.calibration.method)
         teacher = _build("teacher", config.teacher.model.name, config.teacher.model.kwargs, datamodule, config.seed)
-        teacher_run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config))
         if config.teacher.checkpoint is not None:
             load_model_weights(teacher, Path(config.teacher.checkpoint))
+        teacher_run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config))
     _dry_run(student, teacher, method, datamodule)
 
-    student_run = Run.for_spec(config.runtime.runs_dir, config.name, student_spec(config, teacher_run))
+    spec = student_spec(config, teacher_run, resolved_params(method_cls, config.method.params), weights)
+    student_run = Run.for_spec(config.runtime.runs_dir, config.name, spec)
     for run in (teacher_run, student_run):
         if run is not None and not run.is_finished():
             run.resumable_checkpoint()
@@ -91,19 +94,23 @@ def teacher_spec(config: ExperimentConfig) -> dict[str, Any]:
     if teacher.checkpoint is None:
         spec["train"] = asdict(teacher.train)
     else:
-        spec["checkpoint"] = str(Path(teacher.checkpoint).resolve())
+        path = Path(teacher.checkpoint).resolve()
+        spec["checkpoint"] = {"path": str(path), "sha256": file_sha256(path)}
     return spec
 
 
-def student_spec(config: ExperimentConfig, teacher_run: Run | None) -> dict[str, Any]:
-    """The whole experiment minus what never changes the numbers (runtime, description)."""
+def student_spec(
+    config: ExperimentConfig, teacher_run: Run | None, params: dict[str, Any], weights: dict[str, float]
+) -> dict[str, Any]:
+    """The whole experiment minus what never changes the numbers (runtime, description), with the
+    method's parameters and weights resolved, so a changed code default is a new run, not a reuse."""
     spec: dict[str, Any] = {
         "stage": "student",
         "seed": config.seed,
         "scheme": config.scheme,
         "data": asdict(config.data),
         "student": asdict(config.student),
-        "method": asdict(config.method),
+        "method": {"name": config.method.name, "params": params, "weights": weights},
     }
     if teacher_run is not None:
         spec["teacher"] = {
@@ -113,7 +120,7 @@ def student_spec(config: ExperimentConfig, teacher_run: Run | None) -> dict[str,
     return spec
 
 
-def _check_recipe(role: str, train: Any) -> None:
+def _check_recipe(role: str, train: TrainConfig) -> None:
     OPTIMIZERS.get(train.optimizer.name)
     SCHEDULES.get(train.schedule.name)
     if train.epochs < 1:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,20 +77,64 @@ def reliability_diagram(
 def table_figure(
     header: Sequence[str], rows: Sequence[Sequence[str]], path: Path, title: str = "", footer: str = ""
 ) -> None:
-    """Render a results table as an image (the same cells as the markdown)."""
-    height = 0.9 + 0.38 * (len(rows) + 1) + (0.4 if footer else 0)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.45 * len(header)), height))
+    """Render a results table as an image (the same cells as the markdown), columns sized to fit."""
+    cells = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    width_inches = max(6.0, 0.085 * sum(widths) + 0.3 * len(widths))
+    notes = textwrap.fill(footer, width=int(width_inches * 15)) if footer else ""
+    table_height = 0.3 * len(cells)
+    notes_height = 0.16 * (notes.count("\n") + 1) if notes else 0.0
+    fig = plt.figure(figsize=(width_inches, table_height + notes_height + 0.6))
+    ax = fig.add_axes((0.0, notes_height / fig.get_figheight(), 1.0, table_height / fig.get_figheight()))
     ax.axis("off")
-    table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header), loc="center", cellLoc="center")
+    total = sum(widths)
+    table = ax.table(
+        cellText=cells[1:],
+        colLabels=cells[0],
+        colWidths=[w / total for w in widths],
+        loc="center",
+        cellLoc="center",
+        bbox=(0.0, 0.0, 1.0, 1.0),
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1.0, 1.35)
-    for (row, _), cell in table.get_celld().items():
+    for (row, column), cell in table.get_celld().items():
         if row == 0:
             cell.set_text_props(weight="bold")
             cell.set_facecolor("#e8e8f0")
+        elif column == 0:
+            cell.set_text_props(ha="left")
+            cell.PAD = 0.02
     if title:
-        ax.set_title(title, fontsize=11, weight="bold")
-    if footer:
-        fig.text(0.01, 0.01, footer, fontsize=7, color="#444444", wrap=True)
+        fig.suptitle(title, fontsize=11, weight="bold", y=1 - 0.05 / fig.get_figheight())
+    if notes:
+        fig.text(0.005, 0.005, notes, fontsize=7, color="#444444", va="bottom")
+    _save(fig, path)
+
+
+def training_curves(csv_files: Sequence[Path], path: Path, title: str = "") -> None:
+    """Per-epoch training loss and validation top-1 from the CSV logs of every attempt of a run."""
+    loss: dict[int, float] = {}
+    top1: dict[int, float] = {}
+    for csv_file in csv_files:
+        with open(csv_file, newline="") as handle:
+            for row in csv.DictReader(handle):
+                epoch = int(float(row["epoch"])) if row.get("epoch") else None
+                if epoch is None:
+                    continue
+                if row.get("train/loss"):
+                    loss[epoch] = float(row["train/loss"])
+                if row.get("val/top1"):
+                    top1[epoch] = float(row["val/top1"])
+    fig, left = plt.subplots(figsize=(6.4, 3.6))
+    left.plot(sorted(loss), [loss[e] for e in sorted(loss)], color="#4c72b0", label="train loss")
+    left.set(xlabel="epoch", ylabel="train loss (weighted sum)")
+    if top1:
+        right = left.twinx()
+        right.plot(sorted(top1), [top1[e] for e in sorted(top1)], color="#dd8452", label="val top-1")
+        right.set_ylabel("validation top-1 (%)")
+        handles = left.get_lines() + right.get_lines()
+        left.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    if title:
+        left.set_title(title, fontsize=10)
     _save(fig, path)

@@ -36,6 +36,7 @@ class Column:
     header: str
     metric: str
     format: Callable[[float], str]
+    spread: bool = True  # show "mean ± std" (False: the mean alone, for counts)
 
 
 def _params(value: float) -> str:
@@ -47,7 +48,8 @@ COLUMNS: dict[str, Column] = {
     "nll": Column("NLL", "test/nll", lambda v: f"{v:.3f}"),
     "ece": Column("ECE (%)", "test/ece", lambda v: f"{v:.2f}"),
     "ece_calibrated": Column("ECE, T-scaled (%)", "test/ece_calibrated", lambda v: f"{v:.2f}"),
-    "params": Column("Params", "params", _params),
+    "params": Column("Params", "params", _params, spread=False),
+    "epochs": Column("Epochs", "epochs", lambda v: f"{v:.0f}", spread=False),
 }
 STAGES = ("student", "teacher")
 
@@ -69,6 +71,7 @@ class TableSpec:
     seeds: int
     columns: tuple[str, ...]
     rows: tuple[RowSpec, ...]
+    notes: str = ""
 
 
 @dataclass
@@ -124,7 +127,8 @@ def load_table(name: str) -> TableSpec:
         rows.append(row)
     if not rows:
         raise ConfigError(f"table '{name}' has no rows")
-    return TableSpec(name, data.get("title", name), paper, int(data.get("seeds", 1)), columns, tuple(rows))
+    notes = " ".join(str(data.get("notes", "")).split())
+    return TableSpec(name, data.get("title", name), paper, int(data.get("seeds", 1)), columns, tuple(rows), notes)
 
 
 def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) -> list[tuple[Cell, Plan]]:
@@ -191,7 +195,7 @@ def summarize(result: TableResult) -> tuple[list[str], list[list[str]], list[dic
                 continue
             mean, std = _mean_std(values)
             record[f"{name}_mean"], record[f"{name}_std"] = mean, std
-            line.append(column.format(mean) if name == "params" else f"{column.format(mean)} ± {column.format(std)}")
+            line.append(f"{column.format(mean)} ± {column.format(std)}" if column.spread else column.format(mean))
         if spec.paper:
             reference = published.get(row.published) if row.published else None
             record["published_top1"] = reference
@@ -233,7 +237,7 @@ def write_outputs(result: TableResult, out_dir: Path, console: Console | None = 
     """Print the rich table and write markdown, CSV, PNG and the raw per-cell JSON."""
     console = console or Console()
     header, display, records = summarize(result)
-    note = provenance(result)
+    note = " ".join(filter(None, [result.spec.notes, provenance(result)]))
     table = Table(title=result.spec.title, caption=note, caption_justify="left")
     for name in header:
         table.add_column(name, justify="left" if name == "Model" else "right")

@@ -15,6 +15,7 @@ from kdlab.callbacks import EpochSeed
 from kdlab.config import RuntimeConfig, TrainConfig
 from kdlab.data.base import ClassificationDataModule
 from kdlab.loggers import make_loggers
+from kdlab.plots import training_curves
 from kdlab.runs import Run
 
 # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise.
@@ -82,4 +83,5 @@ def fit_and_test(
     metrics["train_seconds_this_attempt"] = round(train_seconds, 3)
     metrics["attempts"] = attempt
     metrics["resumed_from_epoch"] = resume[1] if resume else None
+    training_curves(sorted((run.dir / "logs").glob("attempt-*/metrics.csv")), run.dir / "curves.png", title=name)
     return metrics, loggers

@@ -37,7 +37,8 @@ def test_run_folders_hold_everything(finished: tuple[Path, Outcome]) -> None:
             assert (folder / name).is_file(), f"{folder}/{name} missing"
         assert json.loads((folder / "status.json").read_text())["state"] == "done"
         assert list((folder / "logs" / "attempt-1").glob("metrics.csv"))
-    assert (teacher / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in (teacher / "reliability.png", teacher / "curves.png", student / "curves.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     calibration = json.loads((teacher / "calibration.json").read_text())
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
     assert set(calibration) >= {"before", "after"}

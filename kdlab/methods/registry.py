@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
+from typing import Any
 
 from kdlab.config import MethodConfig
 from kdlab.errors import ConfigError, did_you_mean
 from kdlab.methods.base import Method
 from kdlab.registry import Registry
-from kdlab.signature import check_kwargs
+from kdlab.signature import accepted_kwargs, check_kwargs
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -40,3 +42,9 @@ def resolve_weights(cls: type[Method], overrides: Mapping[str, float]) -> dict[s
                 f" (terms: {', '.join(cls.default_weights)})"
             )
     return {**cls.default_weights, **{k: float(v) for k, v in overrides.items()}}
+
+
+def resolved_params(cls: type[Method], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Every hyper-parameter the method will use: its signature defaults with the user's values."""
+    defaults = {name: p.default for name, p in accepted_kwargs(cls).items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **params}
