@@ -114,6 +114,9 @@ class RuntimeConfig:
     accelerator: str = "auto"
     devices: int = 1
     threads: int | None = None
+    # Deterministic kernels (cuDNN, cuBLAS, scatter): bit-exact resumes and repeats on GPUs too, at
+    # some speed; CPU runs are deterministic either way.
+    deterministic: bool = False
     wandb: str = "auto"  # auto | online | offline | disabled
     wandb_project: str = "kdlab"
     wandb_entity: str | None = None

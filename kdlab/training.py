@@ -70,6 +70,7 @@ def fit_and_test(
         enable_model_summary=False,
         log_every_n_steps=runtime.log_every_n_steps,
         default_root_dir=str(run.dir),
+        deterministic=runtime.deterministic,
     )
     L.seed_everything(seed, workers=True, verbose=False)
     started = time.perf_counter()
