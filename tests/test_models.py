@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -68,15 +68,6 @@ def reference_count(name: str, num_classes: int) -> int:
 
 ALL_MODELS = MODELS.names()
 IMAGE_MODELS = [name for name in ALL_MODELS if MODELS.entry(name).meta["input"] == "image"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Batch-2 passes gain nothing from intra-op threads, which slow them ~50x when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_input(name: str, batch: int = 2) -> torch.Tensor:
@@ -220,3 +211,10 @@ def test_description_states_the_100_class_size(name: str) -> None:
     match = re.search(r"\((\d+\.\d\d)M\)", MODELS.entry(name).description)
     assert match, f"{name}: description lacks its size, e.g. '(0.28M)'"
     assert float(match.group(1)) == round(reference_count(name, 100) / 1e6, 2)
+
+
+def test_any_timm_model_works_by_its_timm_name() -> None:
+    model = create_model("resnet10t", num_classes=7).eval()
+    assert type(model).__module__.startswith("timm.")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)

@@ -102,3 +102,13 @@ def test_zero_weight_skips_the_supervised_term(tmp_path: Path) -> None:
     plan.weights = {"ce": 0.0, "kd": 1.0}
     terms = build_student_system(plan, plan.teacher).loss_terms(_one_batch(plan))
     assert set(terms) == {"kd"}
+
+
+def test_label_smoothing_reaches_the_supervised_term(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "ce", "student.train.label_smoothing=0.2")
+    batch = _one_batch(plan)
+    terms = build_student_system(plan, None).loss_terms(batch)
+    logits = plan.student(batch["input"])
+    log_p = torch.log_softmax(logits, -1)
+    smoothed = 0.8 * -log_p.gather(1, batch["target"][:, None]).squeeze(1) + 0.2 * -log_p.mean(-1)
+    torch.testing.assert_close(terms["ce"], smoothed.mean())
