@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from kdlab.config import ExperimentConfig, TeacherConfig, TrainConfig
+from kdlab.config import ExperimentConfig, ScheduleConfig, TeacherConfig, TrainConfig
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.errors import CheckpointError, ConfigError, KdlabError
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
@@ -169,7 +169,7 @@ def _dry_run(
             raise ConfigError(
                 f"num_classes mismatch: {role} outputs {classes} classes but the dataset has {datamodule.num_classes}"
             )
-    method.setup(outputs["student"], outputs.get("teacher"))
+    method.setup(outputs["student"], outputs.get("teacher"), datamodule.data_info())
 
 
 def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
@@ -307,17 +307,59 @@ def calibrate(model: nn.Module, plan: Plan, run: Run) -> dict[str, Any]:
     return metrics
 
 
-def build_student_system(plan: Plan, teacher: nn.Module | None, teacher_temperature: float = 1.0) -> L.LightningModule:
+def build_student_system(
+    plan: Plan, teacher: nn.Module | None, teacher_temperature: float = 1.0, stage: str = "main"
+) -> L.LightningModule:
     """The configured scheme around the planned student, method and (frozen) teacher."""
     frozen = FrozenTeacher(teacher, plan.method.teacher_taps, teacher_temperature) if teacher is not None else None
     return SCHEMES.get(plan.config.scheme)(
         student=plan.student,
         method=plan.method,
         weights=plan.weights,
-        train=plan.config.student.train,
+        train=plan.config.student.train if stage == "main" else init_recipe(plan),
         num_classes=plan.datamodule.num_classes,
         teacher=frozen,
+        stage=stage,
     )
+
+
+def init_recipe(plan: Plan) -> TrainConfig:
+    """The initialisation stage's recipe: the student's optimiser at a constant (init) rate."""
+    train = plan.config.student.train
+    optimizer = replace(train.optimizer, lr=plan.method.init_lr or train.optimizer.lr)
+    return replace(train, epochs=plan.method.init_epochs, optimizer=optimizer, schedule=ScheduleConfig(name="constant"))
+
+
+def run_init_stage(plan: Plan, teacher: nn.Module | None, temperature: float) -> None:
+    """The method's initialisation epochs, as the sub-run ``<student run>/init`` (own checkpoints,
+    logs and resume). Its result, student and method states, seeds the main stage."""
+    config, parent = plan.config, plan.student_run
+    run = Run(parent.dir / "init", {**parent.spec, "stage": "student-init"})
+    state_path = run.dir / "state.pt"
+    if not run.is_finished():
+        run.prepare()
+        run.set_status("running")
+        system = build_student_system(plan, teacher, temperature, stage="init")
+        recipe = init_recipe(plan)
+        metrics, loggers = fit_and_test(
+            system,
+            plan.datamodule,
+            run,
+            recipe,
+            config.runtime,
+            config.seed,
+            f"{config.name}/student-init",
+            "student-init",
+            test=False,
+        )
+        buffer = io.BytesIO()
+        torch.save({"student": plan.student.state_dict(), "method": plan.method.state_dict()}, buffer)
+        atomic_write_bytes(state_path, buffer.getvalue())
+        log_summary(loggers, metrics)
+        run.finish(metrics)
+    state = check_checkpoint(state_path)
+    plan.student.load_state_dict(state["student"])
+    plan.method.load_state_dict(state["method"])
 
 
 def ensure_student(plan: Plan, teacher: nn.Module | None, teacher_metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -327,6 +369,8 @@ def ensure_student(plan: Plan, teacher: nn.Module | None, teacher_metrics: dict[
         temperature = 1.0
         if teacher_metrics is not None and config.teacher.use_calibrated_logits:
             temperature = teacher_metrics["calibration/temperature"]
+        if plan.method.init_epochs > 0 and not run.last_checkpoint.exists():
+            run_init_stage(plan, teacher, temperature)
         system = build_student_system(plan, teacher, temperature)
         metrics, loggers = fit_and_test(
             system,

@@ -39,6 +39,7 @@ def fit_and_test(
     seed: int,
     name: str,
     job_type: str,
+    test: bool = True,
 ) -> tuple[dict[str, Any], list[Any]]:
     """Train (resuming from ``last.ckpt`` if present), then test; returns metrics and loggers."""
     if runtime.threads:
@@ -79,7 +80,8 @@ def fit_and_test(
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if not metrics and datamodule.has_validation:  # resumed after the last epoch: validation did not run
         metrics = {k: float(v) for k, v in trainer.validate(system, datamodule=datamodule, verbose=False)[0].items()}
-    metrics.update({k: float(v) for k, v in trainer.test(system, datamodule=datamodule, verbose=False)[0].items()})
+    if test:
+        metrics.update({k: float(v) for k, v in trainer.test(system, datamodule=datamodule, verbose=False)[0].items()})
     metrics["epochs"] = trainer.current_epoch
     metrics["train_seconds_this_attempt"] = round(train_seconds, 3)
     metrics["attempts"] = attempt

@@ -5,7 +5,7 @@ from kdlab.data import (  # noqa: F401  (registers)
     imagefolder,
     mnist1d,
 )
-from kdlab.data.base import Batch, ClassificationDataModule
+from kdlab.data.base import Batch, ClassificationDataModule, DataInfo
 from kdlab.data.registry import DATASETS, create_datamodule, register_dataset
 
-__all__ = ["DATASETS", "Batch", "ClassificationDataModule", "create_datamodule", "register_dataset"]
+__all__ = ["DATASETS", "Batch", "ClassificationDataModule", "DataInfo", "create_datamodule", "register_dataset"]

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from kdlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What methods may know about the training split before training (memory banks, samplers)."""
+
+    num_samples: int
+    num_classes: int
+    targets: torch.Tensor  # labels of the training split, indexed by ``batch["index"]``
 
 
 class Batch(TypedDict):
@@ -133,6 +143,12 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.val_set = IndexedDataset(Subset(train_plain, val_idx)) if n_val else None
         self.test_set = IndexedDataset(test)
 
+    def data_info(self) -> DataInfo:
+        self.setup()
+        assert self.train_set is not None
+        targets = dataset_targets(self.train_set)
+        return DataInfo(len(targets), self.num_classes, targets)
+
     @property
     def has_validation(self) -> bool:
         self.setup()
@@ -180,3 +196,17 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         if not self.has_validation:
             raise ConfigError("calibration needs a held-out split: set data.val_fraction > 0")
         return self._loader(self.val_set, self.eval_batch_size)
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """All labels of a dataset without loading its inputs (torchvision ``targets``, tensor datasets,
+    and kdlab's wrappers around them)."""
+    if isinstance(dataset, IndexedDataset | TransformedDataset):
+        return dataset_targets(dataset.dataset if isinstance(dataset, IndexedDataset) else dataset.base)
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets, dtype=torch.long)
+    raise TypeError(f"cannot read the labels of a {type(dataset).__name__} without loading it; give it .targets")

@@ -8,14 +8,14 @@ rest, and sums ``weight[name] * term``. A method is an ``nn.Module`` so it can o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kdlab.data.base import Batch
+from kdlab.data.base import Batch, DataInfo
 from kdlab.features import ModelOutput
 
 
@@ -36,7 +36,14 @@ class Paper:
 
 
 class Method(nn.Module, ABC):
-    """Base class: subclasses set the class attributes and implement :meth:`forward`."""
+    """Base class: subclasses set the class attributes and implement :meth:`forward`.
+
+    Parts a method owns (regressors, embedding heads, memory banks) are submodules built in
+    :meth:`setup`; they train with the student (see :meth:`trainable_parameters`) and are not part
+    of the exported student. A method that needs initialisation epochs (FitNet stage 1, AB, FT,
+    FSP) sets ``init_epochs`` and implements :meth:`init_parameters` and :meth:`init_loss`; the
+    pipeline runs that stage first, in the same run folder, then the main training.
+    """
 
     name: ClassVar[str]
     paper: ClassVar[Paper | None] = None
@@ -44,13 +51,34 @@ class Method(nn.Module, ABC):
     # Every loss term the method can return, with the paper's weight; "ce" is the supervised term
     # that the scheme computes.
     default_weights: ClassVar[Mapping[str, float]] = {"ce": 1.0}
-    # Named layers (see kdlab.features) the method needs from each model.
+    # Tap specs (see kdlab.features: "embedding", "stage:-1", "stages", "preacts", a module name)
+    # of the features the method needs from each model.
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
+    # Initialisation stage: epochs, and its constant learning rate (None: the student's).
+    init_epochs: int = 0
+    init_lr: float | None = None
 
-    def setup(self, student: ModelOutput, teacher: ModelOutput | None) -> None:
-        """Build parts whose shapes depend on the models (called once, on a dry-run batch)."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = "main"
+
+    def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:
+        """Build parts whose shapes depend on the models or the data (called once, before
+        training, on a dry-run batch through both models)."""
 
     @abstractmethod
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         """Return the method's loss terms by name (all but ``ce``)."""
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The method's parameters the main stage optimises with the student (default: all)."""
+        return self.parameters()
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """What the initialisation stage trains (student layers and/or the method's own parts)."""
+        raise NotImplementedError(f"method '{self.name}' sets init_epochs but not init_parameters")
+
+    def init_loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms of the initialisation stage (summed with weight 1, as in RepDistiller)."""
+        raise NotImplementedError(f"method '{self.name}' sets init_epochs but not init_loss")

@@ -43,6 +43,7 @@ class MNIST1DMLP(nn.Module):
     """Two hidden layers of 100 units, the second residual, as in the MNIST-1D paper."""
 
     feature_taps = ("layer1", "layer2")
+    preact_taps = ("layer1.1:input",)
 
     def __init__(self, num_classes: int = 10, hidden: int = 100, in_features: int = SIGNAL_LENGTH) -> None:
         super().__init__()
@@ -58,6 +59,7 @@ class MNIST1DCNN(nn.Module):
     """Three strided 1-D convolutions (25 channels) and a linear read-out, as in the paper."""
 
     feature_taps = ("layer1", "layer2", "layer3", "flatten")
+    preact_taps = ("layer1.1:input", "layer2.1:input", "layer3.1:input")
 
     def __init__(self, num_classes: int = 10, channels: int = 25, signal_length: int = SIGNAL_LENGTH) -> None:
         super().__init__()

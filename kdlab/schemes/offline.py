@@ -25,7 +25,11 @@ TEACHER_PREFIX = "teacher."
 
 @register_scheme("offline", "frozen teacher -> student (Hinton-style); with method=ce, plain supervised training")
 class OfflineDistillation(L.LightningModule):
-    """The system: student + method (+ frozen teacher). Loss = sum of weighted named terms."""
+    """The system: student + method (+ frozen teacher). Loss = sum of weighted named terms.
+
+    ``stage="init"`` runs the method's initialisation stage instead: its own loss terms (weight 1
+    each) and only the parameters it names are optimised.
+    """
 
     def __init__(
         self,
@@ -36,8 +40,12 @@ class OfflineDistillation(L.LightningModule):
         num_classes: int,
         teacher: FrozenTeacher | None = None,
         calibration_bins: int = 15,
+        stage: str = "main",
     ) -> None:
         super().__init__()
+        if stage not in ("init", "main"):
+            raise ValueError(f"stage must be 'init' or 'main', got {stage!r}")
+        self.stage = method.stage = stage
         self.student = student
         self.method = method
         self.teacher = teacher
@@ -58,6 +66,8 @@ class OfflineDistillation(L.LightningModule):
         """Every named loss term of one batch, unweighted (the method never sees the weights)."""
         student = tapped_forward(self.student, self.student_taps, batch["input"])
         teacher = self.teacher(batch["input"]) if self.teacher is not None else None
+        if self.stage == "init":
+            return self.method.init_loss(student, teacher, batch)
         terms: dict[str, torch.Tensor] = {}
         if self.weights.get("ce", 0.0):
             terms["ce"] = F.cross_entropy(
@@ -68,9 +78,12 @@ class OfflineDistillation(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
-        loss = sum(self.weights[name] * term for name, term in terms.items())
+        loss = sum(self.term_weight(name) * term for name, term in terms.items())
         self.loss_log.add(self, {**terms, "loss": loss}, batch["target"].shape[0])
         return loss
+
+    def term_weight(self, name: str) -> float:
+        return 1.0 if self.stage == "init" else self.weights[name]
 
     def on_train_epoch_end(self) -> None:
         self.loss_log.log_epoch(self)
@@ -91,9 +104,12 @@ class OfflineDistillation(L.LightningModule):
         self.test_metrics.reset()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Student and method parameters; the teacher's never reach the optimiser."""
+        """What this stage optimises; the teacher's parameters never reach the optimiser."""
+        if self.stage == "init":
+            yield from self.method.init_parameters(self.student)
+            return
         yield from self.student.parameters()
-        yield from self.method.parameters()
+        yield from self.method.trainable_parameters()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.trainable_parameters(), self.train_config.optimizer)

@@ -45,6 +45,9 @@ class MobileNetV2(nn.Module):
     """Strided 3x3 stem, four stages of inverted residuals, a 1x1 conv head, linear classifier."""
 
     feature_taps = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+    # Blocks end in a linear projection, so a stage output is already pre-activation (the
+    # reference returns the same features with and without preact=True).
+    preact_taps = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, num_classes: int = 100, expand_ratio: int = 6, width_mult: float = 0.5) -> None:
         super().__init__()

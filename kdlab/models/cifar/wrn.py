@@ -39,6 +39,7 @@ class WideResNet(nn.Module):
     """3x3 conv stem, three stages of ``(depth - 4) / 6`` pre-activation blocks 16k/32k/64k wide."""
 
     feature_taps = ("stem", "layer1", "layer2", "layer3", "pool")
+    preact_taps = ("layer2.0.bn1", "layer3.0.bn1", "out_act:input")  # see the module docstring
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, drop_rate: float = 0.0) -> None:
         super().__init__()
