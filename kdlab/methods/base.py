@@ -61,7 +61,8 @@ class Method(nn.Module, ABC):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stage = "main"
+        self.stage = "main"  # or "init"; set by the scheme
+        self.epoch = 0  # the current training epoch, set by the scheme (warm-ups such as DKD's)
 
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:
         """Build parts whose shapes depend on the models or the data (called once, before

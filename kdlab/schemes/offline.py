@@ -82,6 +82,9 @@ class OfflineDistillation(L.LightningModule):
         self.loss_log.add(self, {**terms, "loss": loss}, batch["target"].shape[0])
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self.method.epoch = self.current_epoch
+
     def term_weight(self, name: str) -> float:
         return 1.0 if self.stage == "init" else self.weights[name]
 
