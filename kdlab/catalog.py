@@ -84,5 +84,25 @@ def experiment_layers(name_or_path: str, _chain: tuple[str, ...] = ()) -> list[t
 
 
 def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentConfig:
-    """The typed config of an experiment with dotted ``key=value`` overrides applied."""
-    return build_config(experiment_layers(name_or_path), list(overrides))
+    """The typed config of an experiment with dotted ``key=value`` overrides applied.
+
+    Switching the method on the command line (``method.name=dkd``) drops the YAML's options of the
+    method it replaces, which would not fit the new one; the experiment's preset for the chosen
+    method (``method_presets``) is merged beneath the command-line overrides.
+    """
+    layers = experiment_layers(name_or_path)
+    config = build_config(layers, list(overrides))
+    if config.method.name != build_config(layers).method.name:
+        layers = [(source, _without_method_options(layer)) for source, layer in layers]
+    preset = config.method_presets.get(config.method.name)
+    if preset is not None:
+        fields = {"params": preset.params, "weights": preset.weights}
+        layers.append((f"method_presets.{config.method.name}", {"method": {k: v for k, v in fields.items() if v}}))
+    return build_config(layers, list(overrides))
+
+
+def _without_method_options(layer: dict[str, Any]) -> dict[str, Any]:
+    method = layer.get("method")
+    if not isinstance(method, dict):
+        return layer
+    return {**layer, "method": {k: v for k, v in method.items() if k not in ("params", "weights")}}

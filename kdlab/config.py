@@ -137,6 +137,10 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    # Per-method settings of this experiment, applied when ``method.name`` selects that method
+    # (below command-line overrides): e.g. ``{ft: {params: {init_lr: 0.01}}, dkd: {params: {beta: 6}}}``
+    # for the settings a paper's authors used on one teacher/student pair.
+    method_presets: dict[str, MethodConfig] = field(default_factory=dict)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

@@ -91,3 +91,21 @@ def test_every_yaml_in_the_repository_parses() -> None:
 def test_build_config_names_the_bad_layer() -> None:
     with pytest.raises(ConfigError, match=r"^my.yaml: bad 'student\.train\.epochs'"):
         build_config([("my.yaml", {"student": {"train": {"epochs": "many"}}})])
+
+
+def test_switching_method_drops_the_replaced_methods_options() -> None:
+    config = load_experiment("mnist1d-kd", ["method.name=ce"])
+    assert config.method.params == {} and config.method.weights == {}  # KD's temperature would not fit CE
+    config = load_experiment("mnist1d-kd", ["method.name=ce", "method.weights.ce=2"])
+    assert config.method.weights == {"ce": 2.0}
+    assert load_experiment("mnist1d-kd", ["method.name=kd"]).method.params == {"temperature": 1.0}
+
+
+def test_method_presets_apply_to_their_method_beneath_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "pair.yaml"
+    presets = "method_presets:\n  kd: {params: {temperature: 7.0}}\n  ce: {weights: {ce: 3}}\n"
+    path.write_text("extends: mnist1d-kd\n" + presets)
+    assert load_experiment(str(path)).method.params == {"temperature": 7.0}
+    assert load_experiment(str(path), ["method.params.temperature=2"]).method.params == {"temperature": 2}
+    switched = load_experiment(str(path), ["method.name=ce"]).method
+    assert switched.params == {} and switched.weights == {"ce": 3}

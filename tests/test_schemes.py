@@ -25,10 +25,9 @@ MNIST1D_PAIR = ("student.model.name=mnist1d_cnn", "student.model.kwargs.channels
 
 
 def _plan(tmp_path: Path, method: str, *overrides: str) -> Plan:
-    config = load_experiment("mnist1d-kd", [f"method.name={method}", f"runtime.runs_dir={tmp_path}", *overrides])
-    config.method.params = {}  # each method's own defaults (mnist1d-kd sets KD's temperature)
-    config.method.weights = {}
-    return plan_experiment(config)
+    return plan_experiment(
+        load_experiment("mnist1d-kd", [f"method.name={method}", f"runtime.runs_dir={tmp_path}", *overrides])
+    )
 
 
 def _one_batch(plan: Plan) -> dict[str, torch.Tensor]:
