@@ -1,4 +1,5 @@
-"""The experiment and table registries, read from the YAML files shipped in ``kdlab.experiments``.
+"""The experiment and table registries, read from the YAML files shipped in ``kdlab.experiments``
+(experiments anywhere below it, named by file; tables in its ``tables/`` folder).
 
 An experiment file may ``extends: other-experiment`` (or a list): the named files are merged
 first, then this one, then the command-line overrides. ``kdlab run`` also takes a path to any
@@ -34,9 +35,14 @@ def papers_dir() -> Path:
 
 @cache
 def _load_registries() -> None:
-    for path in sorted(experiments_dir().glob("*.yaml")):
+    tables = experiments_dir() / "tables"
+    for path in sorted(experiments_dir().rglob("*.yaml")):
+        if tables in path.parents:
+            continue
         data = load_yaml(path)
         _check_name(path, data)
+        if path.stem in EXPERIMENTS:
+            raise ConfigError(f"experiment '{path.stem}' is defined twice: {EXPERIMENTS.get(path.stem)} and {path}")
         EXPERIMENTS.add(path.stem, path, str(data.get("description", "")))
     for path in sorted((experiments_dir() / "tables").glob("*.yaml")):
         data = load_yaml(path)

@@ -87,7 +87,7 @@ def teacher_spec(config: ExperimentConfig) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "stage": "teacher",
         "seed": config.seed,
-        "data": asdict(config.data),
+        "data": data_spec(config),
         "model": asdict(teacher.model),
         "calibration": asdict(teacher.calibration),
     }
@@ -108,7 +108,7 @@ def student_spec(
         "stage": "student",
         "seed": config.seed,
         "scheme": config.scheme,
-        "data": asdict(config.data),
+        "data": data_spec(config),
         "student": asdict(config.student),
         "method": {"name": config.method.name, "params": params, "weights": weights},
     }
@@ -118,6 +118,11 @@ def student_spec(
             "use_calibrated_logits": config.teacher.use_calibrated_logits,
         }
     return spec
+
+
+def data_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """The data config minus where the files live, which never changes a result."""
+    return {key: value for key, value in asdict(config.data).items() if key != "root"}
 
 
 def _check_recipe(role: str, train: TrainConfig) -> None:
