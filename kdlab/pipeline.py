@@ -33,6 +33,7 @@ from kdlab.teachers.calibration import CALIBRATORS, calibration_report, collect_
 from kdlab.training import fit_and_test
 
 MODEL_FILE_FORMAT = "kdlab-model/1"
+TEACHER_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -133,10 +134,11 @@ def _check_recipe(role: str, train: TrainConfig) -> None:
 
 
 def _build(role: str, name: str, kwargs: dict[str, Any], datamodule: ClassificationDataModule, seed: int) -> nn.Module:
-    """Build a model for the dataset's class count; same seed, same initial weights."""
+    """Build a model for the dataset's class count; same seed, same initial weights. Teachers draw
+    from another stream, so a student never starts from its teacher's initial weights."""
     kwargs = dict(kwargs)
     kwargs.setdefault("num_classes", datamodule.num_classes)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if role == "student" else seed + TEACHER_SEED_OFFSET)
     try:
         return create_model(name, **kwargs)
     except KdlabError as error:

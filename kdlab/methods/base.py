@@ -48,6 +48,9 @@ class Method(nn.Module, ABC):
     name: ClassVar[str]
     paper: ClassVar[Paper | None] = None
     needs_teacher: ClassVar[bool] = True
+    # True when student and teacher features must have equal channel counts, with no adapter
+    # (FSP): such a method only fits same-width pairs (the CRD paper leaves it out of cross pairs).
+    needs_equal_widths: ClassVar[bool] = False
     # Every loss term the method can return, with the paper's weight; "ce" is the supervised term
     # that the scheme computes.
     default_weights: ClassVar[Mapping[str, float]] = {"ce": 1.0}
