@@ -11,7 +11,7 @@ from kdlab.methods.base import Method, Paper
 from kdlab.methods.registry import METHODS, create_method, register_method, resolve_weights
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "registry"):
+    if _module.name not in ("adapters", "base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "Paper", "create_method", "register_method", "resolve_weights"]
