@@ -109,3 +109,19 @@ def test_parallel_runs_of_one_config_train_it_once(tmp_path: Path) -> None:
     assert sum("reusing finished run" in out for out in outputs) == 1
     (metrics,) = tmp_path.glob("mnist1d-ce/*/metrics.json")
     assert json.loads(metrics.read_text())["attempts"] == 1
+
+
+def test_initialisation_stage_runs_first_in_its_own_sub_run(tmp_path: Path) -> None:
+    """AB's connector stage (2 epochs here) runs as <student run>/init, then the main training."""
+    config = _config(tmp_path, "mnist1d-zoo", "method.name=ab", "method.params.init_epochs=2")
+    outcome = run_experiment(config)
+    init = outcome.student_run.dir / "init"
+    assert json.loads((init / "status.json").read_text())["state"] == "done"
+    init_metrics = json.loads((init / "metrics.json").read_text())
+    assert init_metrics["epochs"] == 2 and "test/top1" not in init_metrics  # the init stage is not tested
+    assert "train/ab" in (init / "logs" / "attempt-1" / "metrics.csv").read_text().splitlines()[0]
+    state = torch.load(init / "state.pt", weights_only=False)
+    fresh = plan_experiment(config).student.state_dict()
+    changed = [k for k, v in state["student"].items() if v.dtype.is_floating_point and not torch.equal(v, fresh[k])]
+    assert changed and not any(k.startswith("fc.") for k in changed)  # AB trains the feature layers only
+    assert outcome.student["epochs"] == 2 and outcome.student_run.is_finished()
