@@ -22,6 +22,11 @@ from kdlab.pipeline import Plan, build_student_system, plan_experiment
 from kdlab.schemes import SCHEMES
 
 MNIST1D_PAIR = ("student.model.name=mnist1d_cnn", "student.model.kwargs.channels=8")
+# The one exception to "defaults everywhere": with 40 images the repeated batch is a fifth of CRD's
+# memory bank, so after two momentum updates its own rows come back as aligned negatives and the
+# NCE loss rises before it falls (the reference computes the same numbers). A slow bank update keeps
+# this one-batch check meaningful; tests/test_losses_contrastive.py checks CRD at its defaults.
+ONE_BATCH_PARAMS = {"crd": ("method.params.nce_momentum=0.99",), "crd_kd": ("method.params.nce_momentum=0.99",)}
 
 
 def _plan(tmp_path: Path, method: str, *overrides: str) -> Plan:
@@ -107,7 +112,8 @@ def test_every_method_trains_resnet32x4_to_resnet8x4(
         "student.train.optimizer.name=sgd",
         "student.train.optimizer.lr=0.02",
     )
-    _smoke(_plan(tmp_path, method, *cifar), 8, f"{method} resnet32x4->resnet8x4")
+    plan = _plan(tmp_path, method, *cifar, *ONE_BATCH_PARAMS.get(method, ()))
+    _smoke(plan, 8, f"{method} resnet32x4->resnet8x4")
 
 
 def test_teacher_is_frozen_never_optimised_and_not_checkpointed(tmp_path: Path) -> None:
@@ -143,12 +149,9 @@ def test_loss_is_the_weighted_sum_of_named_terms(tmp_path: Path) -> None:
     with torch.no_grad():
         teacher_logits = plan.teacher(batch["input"])
     ce = torch.nn.functional.cross_entropy(logits, batch["target"])
-    kd = (
-        torch.nn.functional.kl_div(
-            torch.log_softmax(logits / 4, -1), torch.softmax(teacher_logits / 4, -1), reduction="batchmean"
-        )
-        * 16
-    )
+    t = plan.method.temperature
+    p_teacher = torch.softmax(teacher_logits / t, -1)
+    kd = t * t * (p_teacher * (p_teacher.log() - torch.log_softmax(logits / t, -1))).sum(-1).mean()
     torch.testing.assert_close(terms["ce"], ce)
     torch.testing.assert_close(terms["kd"], kd)
 
