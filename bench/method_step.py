@@ -62,9 +62,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
     parser.add_argument("--samples", type=int, default=2048)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "ce" not in methods:
-        methods.insert(0, "ce")
+    methods = ["ce", *(m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "ce")]
     torch.manual_seed(0)
     systems = {}
     with tempfile.TemporaryDirectory() as runs_dir:

@@ -6,6 +6,7 @@ count fails in seconds with one line, before any run folder is touched.
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 from dataclasses import asdict, dataclass, replace
@@ -177,6 +178,28 @@ def _dry_run(
                 f"num_classes mismatch: {role} outputs {classes} classes but the dataset has {datamodule.num_classes}"
             )
     method.setup(outputs["student"], outputs.get("teacher"), datamodule.data_info())
+    _try_method(method, outputs["student"], outputs.get("teacher"), sample)
+
+
+def _try_method(method: Method, student: ModelOutput, teacher: ModelOutput | None, sample: torch.Tensor) -> None:
+    """Compute the method's terms once on the dry-run outputs, so features it cannot use (a flat
+    vector where it needs a map, say) fail now, not after the teacher has trained. The method's
+    state (memory banks, running estimates) is put back afterwards."""
+    batch = {"input": sample, "target": torch.zeros(len(sample), dtype=torch.long), "index": torch.arange(len(sample))}
+    state = copy.deepcopy(method.state_dict())
+    was_training = method.training
+    method.eval()
+    try:
+        method(student, teacher, batch)
+        if method.init_epochs:
+            method.init_loss(student, teacher, batch)
+    except (ValueError, RuntimeError, IndexError) as error:
+        raise ConfigError(
+            f"method '{method.name}' cannot use these models' features: {str(error).splitlines()[0]}"
+        ) from None
+    finally:
+        method.load_state_dict(state)
+        method.train(was_training)
 
 
 def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:

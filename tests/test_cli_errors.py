@@ -48,6 +48,11 @@ def _fail(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (["student.train.optimizer.name=adamm"], "unknown optimizer 'adamm'; did you mean 'adam'"),
         (["teacher.checkpoint=/nonexistent/teacher.pt"], "checkpoint /nonexistent/teacher.pt does not exist"),
         (["runtime.wandb=sometimes"], "runtime.wandb must be one of auto, online, offline, disabled"),
+        (["method.name=at"], "method 'at' cannot use these models' features: feature maps must both be"),
+        (["method.name=fsp"], "method 'fsp': the student has 1 stem/stage outputs and the teacher 3"),
+        (["method.name=ab", "student.model.name=mnist1d_gru"], "student (MNIST1DGRU) has no pre-activation features"),
+        (["method.name=fitnet", "student.model.name=mnist1d_gru"], "student (MNIST1DGRU) has no stages"),
+        (["method.name=fitnet", "method.params.hint=layer9"], "has no layer 'layer9'"),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(

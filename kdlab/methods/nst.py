@@ -20,6 +20,7 @@ class NeuronSelectivityTransfer(Method):
         title="Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
         authors="Huang, Wang",
         year=2017,
+        venue="arXiv preprint",
         arxiv="1707.01219",
     )
     # RepDistiller / CRD: -r 1 -a 0 -b 50.
