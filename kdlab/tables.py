@@ -217,6 +217,12 @@ def provenance(result: TableResult) -> str:
     import lightning
     import torch
 
+    finished = [c for c in result.cells if c.metrics]
+    timed = {str(c.run_dir): c.metrics["wall_seconds"] for c in finished if "wall_seconds" in c.metrics}
+    untimed = len({str(c.run_dir) for c in finished if "wall_seconds" not in c.metrics})
+    training = f"; the cells' runs trained for {sum(timed.values()) / 60:.1f} min in all" if timed else ""
+    if untimed:
+        training += f" ({untimed} runs without a recorded time)"
     epochs = sorted({int(c.metrics["epochs"]) for c in result.cells if c.metrics and "epochs" in c.metrics})
     paper = result.spec.paper
     cite = (
@@ -226,7 +232,7 @@ def provenance(result: TableResult) -> str:
     )
     return (
         f"Seeds {', '.join(map(str, result.seeds))}; epochs {', '.join(map(str, epochs)) or 'n/a'}; "
-        f"mean ± std over seeds; test split. Wall time {result.wall_seconds / 60:.1f} min on "
+        f"mean ± std over seeds; test split. This invocation took {result.wall_seconds / 60:.1f} min{training}; "
         f"{os.cpu_count()} CPU cores ({platform.machine()}), {time.strftime('%Y-%m-%d')}. "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}, lightning {lightning.__version__}."
         f"{cite}"
