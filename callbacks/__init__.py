@@ -1,5 +1,19 @@
-"""Lightning callbacks kdlab installs as ``kdlab.callbacks`` (see pyproject package-dir)."""
+"""Lightning callbacks kdlab installs as ``kdlab.callbacks`` (see pyproject package-dir).
 
+Importing the package registers every named callback (``CALLBACKS``), as ``kdlab.methods`` does
+for methods.
+"""
+
+from kdlab.callbacks.registry import CALLBACKS, create_callback, register_callback
 from kdlab.callbacks.seeding import EpochSeed
+from kdlab.callbacks.temperature import CurriculumTemperature, GlobalTemperature, TemperatureSchedule
 
-__all__ = ["EpochSeed"]
+__all__ = [
+    "CALLBACKS",
+    "CurriculumTemperature",
+    "EpochSeed",
+    "GlobalTemperature",
+    "TemperatureSchedule",
+    "create_callback",
+    "register_callback",
+]

@@ -88,6 +88,9 @@ class TeacherConfig:
     # Divide teacher logits by the fitted calibration temperature before distillation. Off by
     # default: the papers distil raw logits and the KD temperature already sets the softness.
     use_calibrated_logits: bool = False
+    # Initialisation and training seed; None: the experiment's seed plus the teacher's position in
+    # ``teachers``, so same-architecture teachers of one experiment differ.
+    seed: int | None = None
 
 
 @dataclass
@@ -103,6 +106,14 @@ class MethodConfig:
     name: str = "kd"
     params: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CallbackConfig:
+    """A registered training callback (`kdlab list callbacks`) and its options."""
+
+    name: str = "temperature_schedule"
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,10 +144,17 @@ class ExperimentConfig:
     description: str = ""
     seed: int = 0
     scheme: str = "offline"
+    # The scheme's own options (`kdlab list schemes` shows them): e.g. ``{combine: probs}`` for
+    # multi_teacher, ``{assistants: [...]}`` for assistant.
+    scheme_params: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    # Several teachers (multi-teacher and assistant schemes); empty: the one ``teacher`` above.
+    teachers: list[TeacherConfig] = field(default_factory=list)
     method: MethodConfig = field(default_factory=MethodConfig)
+    # Callbacks of the student's training: temperature schedules, curriculum temperature (CTKD).
+    callbacks: list[CallbackConfig] = field(default_factory=list)
     # Per-method settings of this experiment, applied when ``method.name`` selects that method
     # (below command-line overrides): e.g. ``{ft: {params: {init_lr: 0.01}}, dkd: {params: {beta: 6}}}``
     # for the settings a paper's authors used on one teacher/student pair.

@@ -40,6 +40,7 @@ def fit_and_test(
     name: str,
     job_type: str,
     test: bool = True,
+    callbacks: list[Callback] | None = None,
 ) -> tuple[dict[str, Any], list[Any]]:
     """Train (resuming from ``last.ckpt`` if present), then test; returns metrics and loggers."""
     if runtime.threads:
@@ -47,7 +48,8 @@ def fit_and_test(
     resume = run.resumable_checkpoint()
     attempt = _attempt_number(run)
     loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt)
-    callbacks: list[Callback] = [
+    callbacks = [
+        *(callbacks or []),
         # No monitor and top-1: "last.ckpt" is rewritten (atomically) at the end of every epoch.
         ModelCheckpoint(
             dirpath=run.checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False

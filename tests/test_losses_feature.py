@@ -35,7 +35,7 @@ from kdlab.methods.ft import FactorTransfer
 from kdlab.methods.nst import NeuronSelectivityTransfer
 from kdlab.methods.vid import VariationalInformationDistillation
 from kdlab.models import create_model
-from kdlab.schemes import SCHEMES, FrozenTeacher
+from kdlab.schemes import SCHEMES, FrozenTeacher, SystemParts
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -350,15 +350,16 @@ def _cifar_pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 
 def _system(method: nn.Module, student: nn.Module, teacher: nn.Module, stage: str = "main") -> nn.Module:
-    return SCHEMES.get("offline")(
+    parts = SystemParts(
         student=student,
         method=method,
         weights=dict(method.default_weights),
         train=TrainConfig(),
         num_classes=10,
-        teacher=FrozenTeacher(teacher, method.teacher_taps),
+        teachers=[FrozenTeacher(teacher, method.teacher_taps)],
         stage=stage,
     )
+    return SCHEMES.get("offline")(parts)
 
 
 def _optimised(system: nn.Module) -> set[int]:

@@ -60,10 +60,17 @@ def mnist1d_reference(num_classes: int) -> dict[str, int]:
     }
 
 
+def spectrogram_reference(num_classes: int) -> dict[str, int]:
+    """Three 3x3 conv-BN stages (16 channels, convs without bias) and a linear read-out of the pooled channels."""
+    channels = 16
+    conv_bn = (9 * 1 + 2) * channels + 2 * (9 * channels + 2) * channels
+    return {"mnist1d_spectrogram_cnn": conv_bn + (channels + 1) * num_classes}
+
+
 def reference_count(name: str, num_classes: int) -> int:
     if name in CIFAR_REFERENCE:
         return CIFAR_REFERENCE[name][num_classes]
-    return mnist1d_reference(num_classes)[name]
+    return {**mnist1d_reference(num_classes), **spectrogram_reference(num_classes)}[name]
 
 
 ALL_MODELS = MODELS.names()
@@ -76,6 +83,8 @@ def make_input(name: str, batch: int = 2) -> torch.Tensor:
         return torch.randn(batch, 3, 32, 32)
     if kind == "signal":
         return torch.randn(batch, 40)
+    if kind == "spectrogram":
+        return torch.randn(batch, 1, 9, 21)  # paired_mnist1d's default student view
     raise AssertionError(f"model '{name}' has input kind '{kind}' that this test cannot feed")
 
 
@@ -90,13 +99,14 @@ def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def test_every_registered_model_has_a_reference_count() -> None:
-    known = set(CIFAR_REFERENCE) | set(mnist1d_reference(10))
+    known = set(CIFAR_REFERENCE) | set(mnist1d_reference(10)) | set(spectrogram_reference(10))
     missing = sorted(set(ALL_MODELS) - known)
     assert not missing, f"add reference parameter counts for: {', '.join(missing)}"
 
 
 def test_every_reference_count_belongs_to_a_registered_model() -> None:
-    stale = sorted((set(CIFAR_REFERENCE) | set(mnist1d_reference(10))) - set(ALL_MODELS))
+    known = set(CIFAR_REFERENCE) | set(mnist1d_reference(10)) | set(spectrogram_reference(10))
+    stale = sorted(known - set(ALL_MODELS))
     assert not stale, f"reference counts for unregistered models: {', '.join(stale)}"
 
 

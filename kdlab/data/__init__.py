@@ -4,6 +4,7 @@ from kdlab.data import (  # noqa: F401  (registers)
     cifar,
     imagefolder,
     mnist1d,
+    paired,
     synthetic,
 )
 from kdlab.data.base import Batch, ClassificationDataModule, DataInfo

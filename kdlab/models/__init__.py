@@ -7,6 +7,7 @@ Importing this package registers every zoo model, so ``timm.create_model('cifar_
 from kdlab.models import (
     cifar,  # noqa: F401  (registers)
     mnist1d,  # noqa: F401  (registers)
+    spectrogram,  # noqa: F401  (registers)
 )
 from kdlab.models.registry import MODELS, count_parameters, create_model, register_model
 

@@ -21,14 +21,14 @@ CALIBRATORS: Registry[Callable[[torch.Tensor, torch.Tensor], float]] = Registry(
 
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", input_key: str = "input"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets of ``loader`` with ``model`` in eval mode (restored afterwards)."""
     was_training = model.training
     model.eval()
     logits, targets = [], []
     for batch in loader:
-        logits.append(model(batch["input"].to(device)).float().cpu())
+        logits.append(model(batch[input_key].to(device)).float().cpu())
         targets.append(batch["target"])
     model.train(was_training)
     return torch.cat(logits), torch.cat(targets)

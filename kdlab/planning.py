@@ -1,0 +1,377 @@
+"""Planning: validate and build every part of an experiment without training or writing anything.
+
+Planning builds every part once and runs the whole scheme on a two-sample dry run, so a bad name,
+option, layer, class count or scheme/method combination fails in seconds with one line, before any
+run folder is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlab.config import ExperimentConfig, ModelConfig, TeacherConfig, TrainConfig
+from kdlab.data import ClassificationDataModule, create_datamodule
+from kdlab.data.base import Batch
+from kdlab.errors import ConfigError, KdlabError
+from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
+from kdlab.files import file_sha256
+from kdlab.loggers import wandb_mode
+from kdlab.methods import METHODS, Method, create_method, resolve_weights
+from kdlab.methods.registry import resolved_params
+from kdlab.modelio import load_model_weights
+from kdlab.models import create_model
+from kdlab.optim import OPTIMIZERS, SCHEDULES
+from kdlab.runs import TEACHER_GROUP, Run
+from kdlab.schemes import SCHEMES, DistillationScheme, FrozenTeacher, SystemParts, parse_options
+from kdlab.teachers.calibration import CALIBRATORS
+
+TEACHER_SEED_OFFSET = 1_000_003
+# Online peers (and other student-architecture models a scheme adds) draw from their own streams.
+PEER_SEED_OFFSET = 2_000_003
+PAIRED_TEACHER_INPUT = "teacher_input"
+
+
+@dataclass
+class TeacherPlan:
+    """One teacher: its config, its (untrained or loaded) model, its run and its seed."""
+
+    config: TeacherConfig
+    model: nn.Module
+    run: Run
+    seed: int
+
+
+@dataclass
+class ChainLink:
+    """One intermediate model of an assistant chain: trained as a student, then a teacher."""
+
+    model_config: ModelConfig
+    model: nn.Module
+    run: Run
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, validated."""
+
+    config: ExperimentConfig
+    datamodule: ClassificationDataModule
+    student: nn.Module
+    method: Method
+    weights: dict[str, float]
+    student_run: Run
+    teachers: list[TeacherPlan] = field(default_factory=list)
+    scheme: type[DistillationScheme] = field(default=None)  # type: ignore[assignment]
+    options: Any = None
+    chain: list[ChainLink] = field(default_factory=list)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The first teacher's model (None without teachers)."""
+        return self.teachers[0].model if self.teachers else None
+
+    @property
+    def teacher_run(self) -> Run | None:
+        return self.teachers[0].run if self.teachers else None
+
+    @property
+    def teacher_input_key(self) -> str:
+        """Paired (cross-modal) data gives teachers their own modality."""
+        return PAIRED_TEACHER_INPUT if is_paired(self.datamodule) else "input"
+
+
+def is_paired(datamodule: ClassificationDataModule) -> bool:
+    return getattr(datamodule, "teacher_input_shape", None) is not None
+
+
+def plan_experiment(config: ExperimentConfig) -> Plan:
+    """Check every part of ``config`` and build it, without training or writing anything."""
+    scheme = SCHEMES.get(config.scheme)
+    options = parse_options(config.scheme, config.scheme_params)
+    wandb_mode(config.runtime.wandb)
+    _check_callbacks(config)
+    method_cls = METHODS.get(config.method.name)
+    weights = resolve_weights(method_cls, config.method.weights)
+    method = create_method(config.method)
+    datamodule = create_datamodule(config.data, config.seed)
+    _check_recipe("student", config.student.train)
+    student = build_model("student", config.student.model, datamodule, config.seed)
+
+    teachers = [
+        _plan_teacher(config, teacher_config, index, datamodule)
+        for index, teacher_config in enumerate(_teacher_configs(config, scheme, method_cls.needs_teacher))
+    ]
+    plan = Plan(config, datamodule, student, method, weights, None, teachers, scheme, options)  # type: ignore[arg-type]
+    _dry_run(plan)
+    chain_spec = scheme.plan_chain(plan) if hasattr(scheme, "plan_chain") else None
+    spec = student_spec(config, plan, resolved_params(method_cls, config.method.params), weights, chain_spec)
+    plan.student_run = Run.for_spec(config.runtime.runs_dir, config.name, spec)
+    for run in [t.run for t in plan.teachers] + [link.run for link in plan.chain] + [plan.student_run]:
+        if not run.is_finished():
+            run.resumable_checkpoint()
+    return plan
+
+
+def _teacher_configs(config: ExperimentConfig, scheme: type[DistillationScheme], needs: bool) -> list[TeacherConfig]:
+    """The teachers the scheme takes, with a clear error when the config gives another count."""
+    given = config.teachers or [config.teacher]
+    taken = scheme.teachers_taken
+    if taken == "none":
+        if config.teachers:
+            raise ConfigError(f"scheme '{config.scheme}' trains without teachers; remove 'teachers'")
+        return []
+    if taken == "many":
+        return given
+    if len(given) > 1:
+        raise ConfigError(
+            f"scheme '{config.scheme}' takes one teacher but 'teachers' lists {len(given)}; use scheme=multi_teacher"
+        )
+    return given if (needs or taken == "one") else []
+
+
+def _plan_teacher(
+    config: ExperimentConfig, teacher: TeacherConfig, index: int, datamodule: ClassificationDataModule
+) -> TeacherPlan:
+    role = "teacher" if index == 0 else f"teacher {index}"
+    if teacher.checkpoint is None:
+        _check_recipe(role, teacher.train)
+    if teacher.calibration.method != "none":
+        CALIBRATORS.get(teacher.calibration.method)
+    seed = teacher.seed if teacher.seed is not None else config.seed + index
+    model = build_model(role, teacher.model, datamodule, seed + TEACHER_SEED_OFFSET, teacher=True)
+    if teacher.checkpoint is not None:
+        load_model_weights(model, Path(teacher.checkpoint))
+    run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config, teacher, seed))
+    return TeacherPlan(teacher, model, run, seed)
+
+
+def _check_callbacks(config: ExperimentConfig) -> None:
+    from kdlab.callbacks.registry import create_callback
+
+    for callback in config.callbacks:
+        create_callback(callback.name, callback.params)
+
+
+def teacher_spec(
+    config: ExperimentConfig, teacher: TeacherConfig | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """What determines a teacher: shared by every student whose experiment resolves to it."""
+    teacher = teacher or config.teacher
+    model_data = asdict(teacher.model)
+    spec: dict[str, Any] = {
+        "stage": "teacher",
+        "seed": config.seed if seed is None else seed,
+        "data": data_spec(config),
+        "model": model_data,
+        "calibration": asdict(teacher.calibration),
+    }
+    if teacher.checkpoint is None:
+        spec["train"] = asdict(teacher.train)
+    else:
+        path = Path(teacher.checkpoint).resolve()
+        spec["checkpoint"] = {"path": str(path), "sha256": file_sha256(path)}
+    return spec
+
+
+def student_spec(
+    config: ExperimentConfig,
+    plan: Plan,
+    params: dict[str, Any],
+    weights: dict[str, float],
+    chain: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The whole experiment minus what never changes the numbers (runtime, description), with the
+    method's parameters and weights resolved, so a changed code default is a new run, not a reuse."""
+    spec: dict[str, Any] = {
+        "stage": "student",
+        "seed": config.seed,
+        "scheme": config.scheme,
+        "data": data_spec(config),
+        "student": asdict(config.student),
+        "method": {"name": config.method.name, "params": params, "weights": weights},
+    }
+    options = asdict(plan.options) if plan.options is not None else {}
+    if options:
+        spec["scheme_params"] = options
+    runs = [{"run": t.run.hash, "use_calibrated_logits": t.config.use_calibrated_logits} for t in plan.teachers]
+    if len(runs) == 1:
+        spec["teacher"] = runs[0]
+    elif runs:
+        spec["teachers"] = runs
+    if chain:
+        spec["chain"] = chain
+    if config.callbacks:
+        spec["callbacks"] = [asdict(c) for c in config.callbacks]
+    return spec
+
+
+def data_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """The data config minus where the files live, which never changes a result."""
+    return {key: value for key, value in asdict(config.data).items() if key != "root"}
+
+
+def _check_recipe(role: str, train: TrainConfig) -> None:
+    OPTIMIZERS.get(train.optimizer.name)
+    SCHEDULES.get(train.schedule.name)
+    if train.epochs < 1:
+        raise ConfigError(f"{role}.train.epochs must be at least 1, got {train.epochs}")
+
+
+def build_model(
+    role: str, model: ModelConfig, datamodule: ClassificationDataModule, seed: int, teacher: bool = False
+) -> nn.Module:
+    """Build a model for the dataset's class count from ``seed``: same seed, same initial weights.
+    (Callers give teachers a seed stream of their own, so a student never starts as its teacher.)"""
+    kwargs = dict(model.kwargs)
+    kwargs.setdefault("num_classes", datamodule.num_classes)
+    torch.manual_seed(seed)
+    try:
+        return create_model(model.name, **kwargs)
+    except KdlabError as error:
+        raise type(error)(f"{role}: {error}") from None
+
+
+def example_batch(datamodule: ClassificationDataModule, size: int = 2) -> Batch:
+    """A fake batch with the data's shapes and keys (paired data: both modalities)."""
+    batch: dict[str, torch.Tensor] = {
+        "input": torch.zeros(size, *datamodule.input_shape),
+        "target": torch.arange(size) % datamodule.num_classes,
+        "index": torch.arange(size),
+    }
+    if is_paired(datamodule):
+        batch[PAIRED_TEACHER_INPUT] = torch.zeros(size, *datamodule.teacher_input_shape)  # type: ignore[attr-defined]
+        batch["labelled"] = torch.ones(size, dtype=torch.bool)
+    return batch  # type: ignore[return-value]
+
+
+def check_model(
+    role: str, model: nn.Module, taps: tuple[str, ...], inputs: torch.Tensor, num_classes: int, source: str
+) -> ModelOutput:
+    """One eval-mode forward: the model takes the data's inputs and predicts its classes."""
+    hooks = FeatureTaps(model, taps, role=role)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = tapped_forward(model, hooks, inputs)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"{role} model {type(model).__name__} cannot take {source} inputs of shape {list(inputs.shape[1:])}:"
+            f" {str(error).splitlines()[0]}"
+        ) from None
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    classes = output.logits.shape[-1]
+    if classes != num_classes:
+        raise ConfigError(f"num_classes mismatch: {role} outputs {classes} classes but the dataset has {num_classes}")
+    return output
+
+
+def _dry_run(plan: Plan) -> None:
+    """Fake samples through every part: shapes, class counts and layer names agree, the method
+    can use the features, and the whole scheme computes its loss once."""
+    datamodule, method = plan.datamodule, plan.method
+    batch = example_batch(datamodule)
+    source = type(datamodule).__name__
+    student = check_model("student", plan.student, method.student_taps, batch["input"], datamodule.num_classes, source)
+    teachers = [
+        check_model(
+            "teacher" if i == 0 else f"teacher {i}",
+            t.model,
+            method.teacher_taps,
+            batch[plan.teacher_input_key],  # type: ignore[literal-required]
+            datamodule.num_classes,
+            source,
+        )
+        for i, t in enumerate(plan.teachers)
+    ]
+    if plan.scheme.teachers_taken == "none" and method.needs_teacher:
+        teachers = [student]  # online and self schemes: the method compares student-side outputs
+    method.setup(student, teachers[0] if teachers else None, datamodule.data_info())
+    with preserved(method):
+        _try(lambda: method(student, teachers[0] if teachers else None, batch), method.name)
+        if method.init_epochs:
+            _try(lambda: method.init_loss(student, teachers[0] if teachers else None, batch), method.name)
+    with preserved(method), preserved(plan.student):
+        # Copies: freezing is for trained teachers, and these may still have to train.
+        system = build_system(plan, [copy.deepcopy(t.model) for t in plan.teachers], probe=True)
+        system.eval()
+        with torch.no_grad():
+            _try(lambda: system.loss_terms(batch), method.name, f"scheme '{plan.config.scheme}'")
+
+
+class preserved:
+    """Put a module's state and mode back after the dry run touched it (memory banks, BN stats)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.state = copy.deepcopy(self.module.state_dict())
+        self.training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.load_state_dict(self.state)
+        self.module.train(self.training)
+
+
+def _try(compute: Callable[[], Any], method: str, where: str = "") -> None:
+    """Run ``compute``; a shape or index error becomes a one-line ConfigError naming the method."""
+    try:
+        compute()
+    except (ValueError, RuntimeError, IndexError) as error:
+        context = f" under {where}" if where else ""
+        raise ConfigError(
+            f"method '{method}'{context} cannot use these models' features: {str(error).splitlines()[0]}"
+        ) from None
+
+
+def build_system(
+    plan: Plan,
+    teachers: list[nn.Module],
+    temperatures: list[float] | None = None,
+    stage: str = "main",
+    probe: bool = False,
+) -> DistillationScheme:
+    """The configured scheme around the planned student, method and frozen teachers. The
+    scheme's own parts are initialised from the experiment's seed, so a rebuilt system (the dry
+    run's, a resumed run's) starts the same."""
+    from kdlab.pipeline import init_recipe
+
+    config = plan.config
+    temperatures = temperatures or [1.0] * len(teachers)
+    frozen = [FrozenTeacher(m, plan.method.teacher_taps, t) for m, t in zip(teachers, temperatures, strict=True)]
+
+    def make_student(k: int) -> nn.Module:
+        return build_model(f"peer {k}", config.student.model, plan.datamodule, config.seed + k * PEER_SEED_OFFSET)
+
+    parts = SystemParts(
+        student=plan.student,
+        method=plan.method,
+        weights=plan.weights,
+        train=config.student.train if stage == "main" else init_recipe(plan),
+        num_classes=plan.datamodule.num_classes,
+        teachers=frozen,
+        options=plan.options,
+        stage=stage,
+        teacher_input_key=plan.teacher_input_key,
+        make_method=lambda: create_method(config.method),
+        make_student=make_student,
+        example=example_batch(plan.datamodule),
+    )
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        return plan.scheme(parts)
+    finally:
+        if probe:
+            torch.random.set_rng_state(rng)
