@@ -98,9 +98,13 @@ class TemperatureSchedule(Callback):
             return self.start + (self.end - self.start) * progress
         return self.end + (self.start - self.end) * (1 + math.cos(math.pi * progress)) / 2
 
+    def validate(self, pl_module: L.LightningModule) -> None:
+        """The checks of :meth:`setup` that need no trainer (kdlab's planning runs them early)."""
+        temperature_method(pl_module, f"callback '{self.name}'")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         who = f"callback '{self.name}'"
-        temperature_method(pl_module, who)
+        self.validate(pl_module)
         if self.schedule != "step" and self.epochs is None:
             if trainer.max_epochs is None or trainer.max_epochs < 1:
                 raise ConfigError(f"{who}: set 'epochs' (the trainer has no max_epochs to anneal over)")
@@ -196,9 +200,8 @@ class CurriculumTemperature(Callback):
         rise = (1 - math.cos(math.pi * n / self.curriculum_epochs)) / 2
         return self.lambda_min + (self.lambda_max - self.lambda_min) * rise
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Lightning runs this before configure_optimizers and before restoring a checkpoint, so
-        # the optimiser sees the temperature and a resumed run loads its trained value.
+    def validate(self, pl_module: L.LightningModule) -> nn.ModuleDict:
+        """The checks of :meth:`setup` that need no trainer (kdlab's planning runs them early)."""
         who = f"callback '{self.name}'"
         temperature_method(pl_module, who)
         extra = getattr(pl_module, "extra_modules", None)
@@ -206,6 +209,12 @@ class CurriculumTemperature(Callback):
             raise ConfigError(
                 f"{who}: scheme {type(pl_module).__name__} has no extra_modules to train a temperature in"
             )
+        return extra
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning runs this before configure_optimizers and before restoring a checkpoint, so
+        # the optimiser sees the temperature and a resumed run loads its trained value.
+        extra = self.validate(pl_module)
         if self.name not in extra:
             extra[self.name] = GlobalTemperature(self.t_start, self.t_range, self.init_logit)
         self.module = extra[self.name]

@@ -150,8 +150,10 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    # Several teachers (multi-teacher and assistant schemes); empty: the one ``teacher`` above.
-    teachers: list[TeacherConfig] = field(default_factory=list)
+    # Several teachers (multi_teacher): each entry is what differs from ``teacher`` above, e.g.
+    # ``[{}, {}, {model: {kwargs: {channels: 32}}}]`` for two of it (other seeds) and a wider one.
+    # Empty: the one ``teacher``.
+    teachers: list[dict[str, Any]] = field(default_factory=list)
     method: MethodConfig = field(default_factory=MethodConfig)
     # Callbacks of the student's training: temperature schedules, curriculum temperature (CTKD).
     callbacks: list[CallbackConfig] = field(default_factory=list)
@@ -191,6 +193,22 @@ def build_config(layers: list[tuple[str, dict[str, Any]]], overrides: list[str] 
         raise _one_line(error, "config") from None
     assert isinstance(config, ExperimentConfig)
     return config
+
+
+def resolved_teachers(config: ExperimentConfig) -> list[TeacherConfig]:
+    """The experiment's teachers: each ``teachers`` entry merged over ``teacher`` (typed)."""
+    if not config.teachers:
+        return [config.teacher]
+    base = OmegaConf.structured(config.teacher)
+    resolved = []
+    for index, entry in enumerate(config.teachers):
+        try:
+            merged = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(dict(entry))))
+        except OmegaConfBaseException as error:
+            raise _one_line(error, f"teachers[{index}]") from None
+        assert isinstance(merged, TeacherConfig)
+        resolved.append(merged)
+    return resolved
 
 
 def to_dict(config: Any) -> dict[str, Any]:

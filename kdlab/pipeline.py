@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.config import ScheduleConfig, TrainConfig
+from kdlab.config import ModelConfig, ScheduleConfig, TrainConfig
 from kdlab.files import atomic_write_bytes, atomic_write_json
 from kdlab.loggers import log_summary
 from kdlab.methods import METHODS
@@ -32,6 +32,7 @@ from kdlab.planning import (
     teacher_spec,
 )
 from kdlab.plots import reliability_diagram
+from kdlab.quantization import model_size_bytes
 from kdlab.runs import Run, check_checkpoint
 from kdlab.schemes import DistillationScheme, SystemParts
 from kdlab.schemes.offline import OfflineDistillation
@@ -89,6 +90,7 @@ def supervised_system(
         num_classes=plan.datamodule.num_classes,
         calibration_bins=bins,
         input_key=input_key,
+        honour_labelled=False,
     )
     return OfflineDistillation(parts)
 
@@ -227,12 +229,17 @@ def teacher_temperatures(plan: Plan, teacher_metrics: list[dict[str, Any]]) -> l
 
 
 def ensure_student(
-    plan: Plan, teachers: list[nn.Module], temperatures: list[float], label: str = "student"
+    plan: Plan,
+    teachers: list[nn.Module],
+    temperatures: list[float],
+    label: str = "student",
+    model_config: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """Train the student (after the method's initialisation stage, if any) unless it is finished."""
     from kdlab.callbacks.registry import create_callback
 
     config, run = plan.config, plan.student_run
+    model_config = model_config or config.student.model
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
@@ -254,14 +261,15 @@ def ensure_student(
         metrics.update(system.final_metrics(plan.datamodule))
         exported = system.export_model()
         metrics["params"] = count_parameters(exported)
-        metrics["model"] = config.student.model.name
+        metrics["size_bytes"] = model_size_bytes(exported)
+        metrics["model"] = model_config.name
         metrics["method"] = config.method.name
         metrics["scheme"] = config.scheme
         metrics["weights"] = plan.weights
         metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
         if plan.teacher_run is not None:
             metrics["teacher_run"] = str(plan.teacher_run.dir)
-        save_model(run.model_path, exported, config.student.model.name, config.student.model.kwargs)
+        save_model(run.model_path, exported, model_config.name, model_config.kwargs, **system.export_extra())
         log_summary(loggers, metrics)
         return metrics
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.config import ExperimentConfig, ModelConfig, TeacherConfig, TrainConfig
+from kdlab.config import ExperimentConfig, ModelConfig, TeacherConfig, TrainConfig, resolved_teachers
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError, KdlabError
@@ -96,7 +96,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     scheme = SCHEMES.get(config.scheme)
     options = parse_options(config.scheme, config.scheme_params)
     wandb_mode(config.runtime.wandb)
-    _check_callbacks(config)
+    callbacks = _check_callbacks(config)
     method_cls = METHODS.get(config.method.name)
     weights = resolve_weights(method_cls, config.method.weights)
     method = create_method(config.method)
@@ -109,7 +109,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
         for index, teacher_config in enumerate(_teacher_configs(config, scheme, method_cls.needs_teacher))
     ]
     plan = Plan(config, datamodule, student, method, weights, None, teachers, scheme, options)  # type: ignore[arg-type]
-    _dry_run(plan)
+    _dry_run(plan, callbacks)
     chain_spec = scheme.plan_chain(plan) if hasattr(scheme, "plan_chain") else None
     spec = student_spec(config, plan, resolved_params(method_cls, config.method.params), weights, chain_spec)
     plan.student_run = Run.for_spec(config.runtime.runs_dir, config.name, spec)
@@ -121,13 +121,18 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
 
 def _teacher_configs(config: ExperimentConfig, scheme: type[DistillationScheme], needs: bool) -> list[TeacherConfig]:
     """The teachers the scheme takes, with a clear error when the config gives another count."""
-    given = config.teachers or [config.teacher]
+    given = resolved_teachers(config)
     taken = scheme.teachers_taken
     if taken == "none":
         if config.teachers:
             raise ConfigError(f"scheme '{config.scheme}' trains without teachers; remove 'teachers'")
         return []
     if taken == "many":
+        if not config.teachers:
+            raise ConfigError(
+                f"scheme '{config.scheme}' needs a 'teachers' list (e.g. teachers=[{{}},{{}},{{}}] for three"
+                " of 'teacher' with seeds seed, seed+1, seed+2); it is empty"
+            )
         return given
     if len(given) > 1:
         raise ConfigError(
@@ -152,11 +157,10 @@ def _plan_teacher(
     return TeacherPlan(teacher, model, run, seed)
 
 
-def _check_callbacks(config: ExperimentConfig) -> None:
+def _check_callbacks(config: ExperimentConfig) -> list[Any]:
     from kdlab.callbacks.registry import create_callback
 
-    for callback in config.callbacks:
-        create_callback(callback.name, callback.params)
+    return [create_callback(callback.name, callback.params) for callback in config.callbacks]
 
 
 def teacher_spec(
@@ -275,7 +279,7 @@ def check_model(
     return output
 
 
-def _dry_run(plan: Plan) -> None:
+def _dry_run(plan: Plan, callbacks: list[Any]) -> None:
     """Fake samples through every part: shapes, class counts and layer names agree, the method
     can use the features, and the whole scheme computes its loss once."""
     datamodule, method = plan.datamodule, plan.method
@@ -300,12 +304,31 @@ def _dry_run(plan: Plan) -> None:
         _try(lambda: method(student, teachers[0] if teachers else None, batch), method.name)
         if method.init_epochs:
             _try(lambda: method.init_loss(student, teachers[0] if teachers else None, batch), method.name)
+    rng = torch.random.get_rng_state()
     with preserved(method), preserved(plan.student):
-        # Copies: freezing is for trained teachers, and these may still have to train.
+        # Copies: freezing is for trained teachers, and these may still have to train. In train
+        # mode, as training will run it (quantisation observers need a training batch first);
+        # what that changes in the student and method is put back, the rest is thrown away.
         system = build_system(plan, [copy.deepcopy(t.model) for t in plan.teachers], probe=True)
-        system.eval()
+        system.train()
         with torch.no_grad():
             _try(lambda: system.loss_terms(batch), method.name, f"scheme '{plan.config.scheme}'")
+        for callback in callbacks:  # e.g. a temperature schedule on a method without temperature
+            if hasattr(callback, "validate"):
+                callback.validate(system)
+    torch.random.set_rng_state(rng)
+
+
+def setup_method(plan: Plan, teachers: list[nn.Module]) -> None:
+    """Set up ``plan.method`` for ``plan.student`` against the first of ``teachers`` (a chain
+    stage's fresh method: its parts' shapes depend on the two models)."""
+    batch = example_batch(plan.datamodule)
+    source, classes = type(plan.datamodule).__name__, plan.datamodule.num_classes
+    student = check_model("student", plan.student, plan.method.student_taps, batch["input"], classes, source)
+    teacher = check_model(
+        "teacher", teachers[0], plan.method.teacher_taps, batch[plan.teacher_input_key], classes, source
+    )  # type: ignore[literal-required]
+    plan.method.setup(student, teacher, plan.datamodule.data_info())
 
 
 class preserved:
@@ -367,6 +390,8 @@ def build_system(
         make_method=lambda: create_method(config.method),
         make_student=make_student,
         example=example_batch(plan.datamodule),
+        data_info=plan.datamodule.data_info(),
+        labelled_fraction=float(getattr(plan.datamodule, "student_labels", 1.0)),
     )
     rng = torch.random.get_rng_state()
     torch.manual_seed(config.seed)

@@ -17,7 +17,9 @@ model that runs int8 kernels on CPU. Everything is PyTorch's FX graph mode machi
   moving average (torch's default constant 0.01) of each training batch's min and max. On the
   x86/fbgemm engines 8-bit activations use ``0 .. 127``, torch's ``reduce_range`` for those
   engines: their u8 x s8 kernels add pairs of products in int16, which saturates over the full
-  range on CPUs without VNNI; at 2-7 bits the range is already below 128;
+  range on CPUs without VNNI; at 2-7 bits the range is already below 128. Every activation is
+  quantized, the model's input and its logits included: at ``activation_bits=2`` the logits take
+  4 values, so low-bit weights usually pair with ``activation_bits=8``;
 - observers update ranges **in train mode only** (torch's own update in eval mode too), so
   validation and test batches never move the ranges.
 
@@ -35,8 +37,9 @@ Consequences the scheme must know:
   logits only (response-based methods: ``ce``, ``kd``, ``dkd``, ``dist``, ``ls_kd``); a spec tap
   such as ``embedding`` or ``stages`` fails with kdlab's usual "has no ... layer" error.
 - Values of ``b < 8`` bits live in int8 (weights) and uint8 (activations) containers restricted to
-  the ``b``-bit range: the int8 model is exact for the ``b``-bit network, but its file and kernels
-  are int8-sized; packing several values per byte would need custom kernels.
+  the ``b``-bit range (activations by clamps :func:`convert_to_int8` adds, since the kernels
+  saturate at 255 only): the int8 model computes the fake-quant model's ``b``-bit network, but its
+  file and kernels are int8-sized; packing several values per byte would need custom kernels.
 - ``torch.ao.quantization`` announces its own deprecation in favour of torchao's pt2e API (not a
   kdlab dependency); it works in torch 2.14, so its warnings are filtered here by message only.
 """
@@ -61,7 +64,6 @@ from torch.ao.quantization import (
     QConfigMapping,
     disable_observer,
 )
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 from kdlab.errors import ConfigError, KdlabError
@@ -163,8 +165,8 @@ def prepare_fake_quant(
         return prepare_qat_fx(student, QConfigMapping().set_global(qconfig), example_inputs=(example_input,))
 
 
-def _fake_quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, FakeQuantizeBase)]
+def _fake_quantizers(model: nn.Module) -> list[tuple[str, TrainOnlyFakeQuantize]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, TrainOnlyFakeQuantize)]
 
 
 def convert_to_int8(model: nn.Module) -> nn.Module:

@@ -50,6 +50,8 @@ COLUMNS: dict[str, Column] = {
     "ece_calibrated": Column("ECE, T-scaled (%)", "test/ece_calibrated", lambda v: f"{v:.2f}"),
     "params": Column("Params", "params", _params, spread=False),
     "epochs": Column("Epochs", "epochs", lambda v: f"{v:.0f}", spread=False),
+    "int8_top1": Column("Top-1, int8 (%)", "test/int8/top1", lambda v: f"{v:.2f}"),
+    "size_kb": Column("Size (KB)", "size_bytes", lambda v: f"{v / 1024:.1f}", spread=False),
 }
 STAGES = ("student", "teacher")
 

@@ -275,3 +275,18 @@ def test_converting_an_unobserved_model_is_an_error() -> None:
         convert_to_int8(model)
     with pytest.raises(KdlabError, match="no fake quantizers"):
         convert_to_int8(create_model("mnist1d_mlp"))
+
+
+def test_state_dict_restores_a_fresh_preparation() -> None:
+    """Resuming from a checkpoint: prepare the float model again, load the fake-quant state dict."""
+    torch.manual_seed(9)
+    trained = prepare_fake_quant(create_model("mnist1d_cnn"), 4, torch.randn(2, 40))
+    x = torch.randn(32, 40)
+    trained(x)
+    trained(2 * x)
+    resumed = prepare_fake_quant(create_model("mnist1d_cnn"), 4, torch.randn(2, 40))
+    resumed.load_state_dict(trained.state_dict())
+    assert torch.equal(resumed.activation_post_process_0.scale, trained.activation_post_process_0.scale)
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(x), trained.eval()(x))
+        assert torch.equal(convert_to_int8(resumed)(x), convert_to_int8(trained)(x))

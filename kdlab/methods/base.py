@@ -51,6 +51,9 @@ class Method(nn.Module, ABC):
     # True when student and teacher features must have equal channel counts, with no adapter
     # (FSP): such a method only fits same-width pairs (the CRD paper leaves it out of cross pairs).
     needs_equal_widths: ClassVar[bool] = False
+    # True when the distillation terms read labels (DKD's target split, CRD's other-class
+    # negatives): such a method is supervision too, so it cannot teach samples without labels.
+    uses_labels: ClassVar[bool] = False
     # Every loss term the method can return, with the paper's weight; "ce" is the supervised term
     # that the scheme computes.
     default_weights: ClassVar[Mapping[str, float]] = {"ce": 1.0}

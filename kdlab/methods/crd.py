@@ -40,6 +40,7 @@ class ContrastiveRepresentationDistillation(Method):
 
     name = "crd"
     paper = CRD_PAPER
+    uses_labels = True
     # RepDistiller's scripts/run_cifar_distill.sh for CRD: -r 1 (CE), -a 0 (no KD), -b 0.8.
     default_weights = {"ce": 1.0, "crd": 0.8}
     # The penultimate vectors of both models (RepDistiller's feat[-1]).

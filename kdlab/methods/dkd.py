@@ -23,6 +23,7 @@ class DecoupledKD(Method):
         venue="CVPR",
         arxiv="2203.08679",
     )
+    uses_labels = True
     # mdistiller's CIFAR-100 setting: CE 1.0 plus the DKD term (its alpha/beta are parameters).
     default_weights = {"ce": 1.0, "dkd": 1.0}
 

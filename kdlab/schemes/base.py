@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data.base import Batch
+from kdlab.data.base import Batch, DataInfo
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.methods.base import Method
 from kdlab.metrics import ClassificationMetrics
@@ -56,6 +56,12 @@ class SystemParts:
     make_student: Callable[[int], nn.Module] | None = None
     # A small batch shaped like the data (from the plan's dry run): sizes of scheme-owned parts.
     example: Batch | None = None
+    # The training split's size and labels, for methods set up by the scheme (memory banks).
+    data_info: DataInfo | None = None
+    # Fraction of training samples whose label the student may see (paired data may hide some),
+    # and whether this system honours ``batch["labelled"]`` (a teacher trains on every label).
+    labelled_fraction: float = 1.0
+    honour_labelled: bool = True
 
 
 class DistillationScheme(L.LightningModule):
@@ -63,6 +69,8 @@ class DistillationScheme(L.LightningModule):
     teacher count they accept, and implement :meth:`loss_terms`."""
 
     Options: ClassVar[type] = NoOptions
+    # The MNIST-1D experiment that shows the scheme (smoke-tested for every registered scheme).
+    example: ClassVar[str] = ""
     # How many teachers the scheme takes: "method" (one if the method needs a teacher, else none),
     # "none", "one", or "many" (one or more).
     teachers_taken: ClassVar[str] = "method"
@@ -117,7 +125,7 @@ class DistillationScheme(L.LightningModule):
         """Cross-entropy on the samples whose label the student may see (all, unless the batch
         marks some ``labelled=False``: then distillation is their only supervision)."""
         smoothing = self.train_config.label_smoothing
-        labelled = batch.get("labelled")
+        labelled = batch.get("labelled") if self.parts.honour_labelled else None
         if labelled is None:
             return F.cross_entropy(logits, batch["target"], label_smoothing=smoothing)
         per_sample = F.cross_entropy(logits, batch["target"], label_smoothing=smoothing, reduction="none")
@@ -211,6 +219,10 @@ class DistillationScheme(L.LightningModule):
 
     def final_metrics(self, datamodule: L.LightningDataModule) -> dict[str, Any]:
         """Results the scheme adds after training and testing (an int8 model's accuracy, say)."""
+        return {}
+
+    def export_extra(self) -> dict[str, Any]:
+        """What the model file must also record to rebuild the exported model (quantisation)."""
         return {}
 
     def export_model(self) -> nn.Module:

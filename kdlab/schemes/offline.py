@@ -17,6 +17,8 @@ class OfflineDistillation(DistillationScheme):
     each) and only the parameters it names are optimised.
     """
 
+    example = "mnist1d-zoo"
+
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         student = self.student_output(batch)
         teachers = self.teacher_outputs(batch)
