@@ -15,7 +15,7 @@ from rich.table import Table
 from kdlab.errors import KdlabError
 from kdlab.registry import Registry
 
-KINDS = ("methods", "models", "datasets", "schemes", "experiments", "tables")
+KINDS = ("methods", "models", "datasets", "schemes", "callbacks", "experiments", "tables")
 
 
 def _registry(kind: str) -> Registry[Any]:
@@ -35,6 +35,10 @@ def _registry(kind: str) -> Registry[Any]:
         from kdlab.schemes import SCHEMES
 
         return SCHEMES
+    if kind == "callbacks":
+        from kdlab.callbacks import CALLBACKS
+
+        return CALLBACKS
     from kdlab.catalog import experiment_registry, table_registry
 
     return experiment_registry() if kind == "experiments" else table_registry()
@@ -49,8 +53,12 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         if kind == "models":
             table.add_column("timm name")
             table.add_column("input")
+        if kind in ("schemes", "callbacks"):
+            table.add_column("options (defaults)")
         for entry in registry.entries():
             extra = [entry.meta.get("timm_name", ""), entry.meta.get("input", "")] if kind == "models" else []
+            if kind in ("schemes", "callbacks"):
+                extra = [_options(entry.obj, kind)]
             table.add_row(entry.name, entry.description, *extra)
         console.print(table)
         if kind == "models":
@@ -58,6 +66,18 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
             console.print(f"...and any of timm's {len(timm.list_models())} models, by their timm name.")
     return 0
+
+
+def _options(obj: Any, kind: str) -> str:
+    """A scheme's ``scheme_params`` or a callback's ``params``, with their defaults."""
+    import dataclasses
+    import inspect
+
+    if kind == "schemes":
+        options = obj.Options()
+        return ", ".join(f"{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options))
+    params = inspect.signature(obj).parameters.values()
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:

@@ -211,24 +211,21 @@ def test_paired_imagefolder_augments_both_views_with_one_crop_and_flip(tmp_path:
     assert any(float(s["input"][0, 8, 0] - s["input"][0, 8, -1]) < 0 for s in draws)  # some not
 
 
-def test_missing_counterpart_names_the_file_and_the_missing_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("removed", "kept", "missing"),
+    [(("depth", "train", "b"), ("rgb", "train", "b"), "depth"), (("rgb", "val", "a"), ("depth", "val", "a"), "rgb")],
+)
+def test_a_file_without_its_counterpart_is_named_with_the_missing_path(
+    tmp_path: Path, removed: tuple[str, ...], kept: tuple[str, ...], missing: str
+) -> None:
     solid_pairs(tmp_path)
-    (tmp_path / "depth" / "train" / "b" / "1.png").unlink()
+    stem = "1" if removed[1] == "train" else "0"
+    tmp_path.joinpath(*removed, f"{stem}.png").unlink()
     with pytest.raises(ConfigError) as error:
         paired_folders(tmp_path).setup()
     message = str(error.value)
-    assert str(tmp_path / "rgb" / "train" / "b" / "1.png") in message
-    assert f"no depth counterpart: expected {tmp_path / 'depth' / 'train' / 'b' / '1'}" in message
-
-
-def test_student_file_without_teacher_counterpart_is_refused(tmp_path: Path) -> None:
-    solid_pairs(tmp_path)
-    (tmp_path / "rgb" / "val" / "a" / "0.png").unlink()
-    with pytest.raises(ConfigError) as error:
-        paired_folders(tmp_path).setup()
-    message = str(error.value)
-    assert str(tmp_path / "depth" / "val" / "a" / "0.png") in message
-    assert f"no rgb counterpart: expected {tmp_path / 'rgb' / 'val' / 'a' / '0'}" in message
+    assert str(tmp_path.joinpath(*kept, f"{stem}.png")) in message
+    assert f"no {missing} counterpart: expected {tmp_path.joinpath(*removed, stem)}" in message
 
 
 def test_missing_modality_folder_lists_the_folders_that_exist(tmp_path: Path) -> None:
