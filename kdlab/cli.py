@@ -89,14 +89,27 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     plan = plan_experiment(config)
     if args.dry_run:
         console.print(to_yaml(to_dict(config)), highlight=False, markup=False)
-        for label, run in (("teacher run", plan.teacher_run), ("student run", plan.student_run)):
-            if run is not None:
-                state = "finished" if run.is_finished() else run.status()["state"]
-                console.print(f"{label}: {run.dir} ({state})")
+        teachers = [t.run for t in plan.teachers]
+        runs = [
+            *((f"teacher run{'' if len(teachers) == 1 else f' {i}'}", run) for i, run in enumerate(teachers)),
+            *((f"assistant run {i}", link.run) for i, link in enumerate(plan.chain, start=1)),
+            ("student run", plan.student_run),
+        ]
+        for label, run in runs:
+            state = "finished" if run.is_finished() else run.status()["state"]
+            console.print(f"{label}: {run.dir} ({state})")
         return 0
     outcome = execute_plan(plan)
+    teachers = [t.run for t in plan.teachers]
     for label, run, metrics in (
-        ("teacher", outcome.teacher_run, outcome.teacher),
+        *(
+            (f"teacher{'' if len(teachers) == 1 else f' {i}'}", r, m)
+            for i, (r, m) in enumerate(zip(teachers, outcome.teachers, strict=True))
+        ),
+        *(
+            (f"assistant {i}", link.run, m)
+            for i, (link, m) in enumerate(zip(plan.chain, outcome.chain, strict=True), start=1)
+        ),
         ("student", outcome.student_run, outcome.student),
     ):
         if run is not None and metrics is not None:
