@@ -177,3 +177,14 @@ def test_broken_chains_fail_before_training(tmp_path: Path, assistants: str, mes
     with pytest.raises(KdlabError, match=message):
         _plan(tmp_path, "mnist1d-takd", f"scheme_params.assistants={assistants}")
     assert not (tmp_path / "assistants").exists()
+
+
+def test_full_scale_rgbd_config_plans_on_paired_image_folders(tmp_path: Path) -> None:
+    from test_paired_data import solid_pairs
+
+    solid_pairs(tmp_path / "data", classes=tuple("abcdefghij"))
+    small = ["data.kwargs.teacher_image_size=32", "data.kwargs.student_image_size=32", "data.num_workers=0"]
+    plan = _plan(tmp_path, "rgbd-cross-modal", f"data.root={tmp_path / 'data'}", "data.val_fraction=0.2", *small)
+    batch = _batch(plan)
+    assert batch["teacher_input"].shape[1] == 3 and batch["input"].shape[1] == 1
+    assert plan.config.student.train.epochs == 90 and plan.teacher_input_key == "teacher_input"
