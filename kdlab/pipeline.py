@@ -260,7 +260,8 @@ def ensure_student(
         )
         metrics.update(system.final_metrics(plan.datamodule))
         exported = system.export_model()
-        metrics["params"] = count_parameters(exported)
+        # Of the architecture: an int8 model keeps its weights in packed buffers, not parameters.
+        metrics["params"] = count_parameters(plan.student)
         metrics["size_bytes"] = model_size_bytes(exported)
         metrics["model"] = model_config.name
         metrics["method"] = config.method.name

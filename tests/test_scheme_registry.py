@@ -48,6 +48,7 @@ def test_every_scheme_trains_its_example(tmp_path: Path, scheme: str) -> None:
     assert losses[-1] < losses[0], f"{scheme}: training loss did not fall: {losses}"
     scores = {k: v for k, v in metrics.items() if k.startswith("test/") and k.endswith("top1")}
     assert scores and all(0 <= v <= 100 for v in scores.values()), scores
+    assert metrics["params"] > 0 and metrics["size_bytes"] > 0
     assert metrics["test/top1"] > 15, f"{scheme}: student at chance after 4 epochs: {metrics['test/top1']}"
     saved = torch.load(outcome.student_run.model_path, weights_only=False)
     assert saved["model"] == config.student.model.name
