@@ -172,7 +172,7 @@ def teacher_spec(
     spec: dict[str, Any] = {
         "stage": "teacher",
         "seed": config.seed if seed is None else seed,
-        "data": data_spec(config),
+        "data": teacher_data_spec(config),
         "model": model_data,
         "calibration": asdict(teacher.calibration),
     }
@@ -213,6 +213,16 @@ def student_spec(
         spec["chain"] = chain
     if config.callbacks:
         spec["callbacks"] = [asdict(c) for c in config.callbacks]
+    return spec
+
+
+def teacher_data_spec(config: ExperimentConfig) -> dict[str, Any]:
+    """The data config minus the options that only change what the student sees."""
+    from kdlab.data import DATASETS
+
+    spec = data_spec(config)
+    student_only = DATASETS.get(config.data.name).student_only_options
+    spec["kwargs"] = {k: v for k, v in spec["kwargs"].items() if k not in student_only}
     return spec
 
 

@@ -188,3 +188,12 @@ def test_full_scale_rgbd_config_plans_on_paired_image_folders(tmp_path: Path) ->
     batch = _batch(plan)
     assert batch["teacher_input"].shape[1] == 3 and batch["input"].shape[1] == 1
     assert plan.config.student.train.epochs == 90 and plan.teacher_input_key == "teacher_input"
+
+
+def test_student_only_data_options_share_one_teacher(tmp_path: Path) -> None:
+    runs = {
+        fraction: _plan(tmp_path, "mnist1d-cross-modal", f"data.kwargs.student_labels={fraction}")
+        for fraction in (0.0, 0.1, 1.0)
+    }
+    assert len({plan.teacher_run.hash for plan in runs.values()}) == 1
+    assert len({plan.student_run.hash for plan in runs.values()}) == 3

@@ -96,6 +96,9 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
 
     num_classes: int
     input_shape: tuple[int, ...]
+    # Options (``data.kwargs``) that change only what the student sees, never a teacher's training:
+    # teachers are shared across them.
+    student_only_options: tuple[str, ...] = ()
 
     def __init__(
         self,

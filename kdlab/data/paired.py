@@ -93,6 +93,7 @@ class PairedDataModule(ClassificationDataModule):
     """A data module whose ``build_datasets`` yields ``(Views, y)`` samples; adds the paired keys."""
 
     teacher_input_shape: tuple[int, ...]
+    student_only_options = ("student_labels",)  # teachers always train on every label
 
     def __init__(self, *, student_labels: float = 0.0, **common: Any) -> None:
         if not 0.0 <= student_labels <= 1.0:
