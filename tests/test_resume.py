@@ -203,3 +203,36 @@ def test_crash_after_the_last_epoch_still_reports_validation(tmp_path: Path) -> 
     assert metrics_of(run_dir)["attempts"] == 2
     assert (run_dir / "model.pt").is_file()
     assert_same_numbers(metrics_of(run_dir), finished)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "extra"),
+    [
+        ("mnist1d-adversarial", ()),  # two optimisers, manual optimisation, a scheduler it steps itself
+        ("mnist1d-dml", ()),  # peers outside the student
+        ("mnist1d-byot", ()),  # exit heads
+        ("mnist1d-quantized", ()),  # quantisation observers, frozen for the last epochs
+        ("mnist1d-zoo", ("callbacks=[{name: ctkd}]",)),  # a learnable temperature added by a callback
+    ],
+)
+def test_scheme_state_survives_a_kill(tmp_path: Path, experiment: str, extra: tuple[str, ...]) -> None:
+    """Everything a scheme adds to the student (discriminator, peers, exits, observers, callback
+    parameters, their optimiser states) is in the checkpoint: a resumed run equals an uninterrupted one."""
+    epochs = 12
+    overrides = ("teacher.train.epochs=2", f"student.train.epochs={epochs}", *extra)
+    resumed_runs, clean_runs = tmp_path / "A", tmp_path / "B"
+    killed_at = kill_after_epoch(
+        kdlab_command(experiment, resumed_runs, *overrides),
+        tmp_path,
+        f"A/{experiment}/*/checkpoints/last.ckpt",
+        KILL_AFTER_EPOCH,
+        epochs,
+    )
+    run_to_completion(kdlab_command(experiment, resumed_runs, *overrides), tmp_path)
+    run_to_completion(kdlab_command(experiment, clean_runs, *overrides), tmp_path)
+    run_dir = only_dir(resumed_runs / experiment)
+    assert_resumed(run_dir, killed_at)
+    resumed, clean = metrics_of(run_dir), metrics_of(only_dir(clean_runs / experiment))
+    assert_same_numbers(resumed, clean)
+    scheme_keys = [k for k in clean if k.startswith(("test/peer", "test/exit", "test/int8"))]
+    assert all(resumed[k] == clean[k] for k in scheme_keys), scheme_keys

@@ -9,6 +9,8 @@ feature taps do not survive (see :mod:`kdlab.quantization`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,21 @@ from kdlab.quantization import (
 from kdlab.schemes.base import SystemParts
 from kdlab.schemes.offline import OfflineDistillation
 from kdlab.schemes.registry import register_scheme
+
+
+@contextmanager
+def _int8_kernels_allowed() -> Iterator[None]:
+    """torch flags the quantized CPU ops (their output resize) under ``runtime.deterministic``,
+    though one thread computes the same int8 result every time; allow them for the evaluation."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @dataclass
@@ -76,8 +93,9 @@ class QuantizedDistillation(OfflineDistillation):
         """The real int8 model on the test split (CPU int8 kernels), and both sizes."""
         int8 = convert_to_int8(self.student)
         metrics = ClassificationMetrics(self.parts.num_classes, self.parts.calibration_bins)
-        for batch in datamodule.test_dataloader():
-            metrics.update(int8(batch[self.input_key].cpu()), batch["target"].cpu())
+        with _int8_kernels_allowed():
+            for batch in datamodule.test_dataloader():
+                metrics.update(int8(batch[self.input_key].cpu()), batch["target"].cpu())
         int8_bytes = model_size_bytes(int8)
         self._int8 = int8
         return {
