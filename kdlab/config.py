@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class CalibrationConfig:
-    method: str = "temperature"  # temperature | none
+    method: str = "temperature"  # temperature | vector | platt | none
     bins: int = 15
 
 

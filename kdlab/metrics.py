@@ -1,4 +1,5 @@
-"""Evaluation metrics every run reports: top-1 (%), NLL (nats), ECE (%), via torchmetrics."""
+"""Evaluation metrics every run reports: top-1 (%), NLL (nats), ECE (%), via torchmetrics; calibration
+reports add MCE (%) and the Brier score."""
 
 from __future__ import annotations
 
@@ -37,8 +38,13 @@ def evaluate_logits(logits: torch.Tensor, target: torch.Tensor, bins: int = 15) 
     """The same metrics on a full set of logits at once (used for calibration reports)."""
     num_classes = logits.shape[-1]
     probs = logits.float().softmax(-1)
+    one_hot = F.one_hot(target, num_classes).to(probs.dtype)
     return {
         "top1": 100 * multiclass_accuracy(probs, target, num_classes=num_classes, average="micro").item(),
         "nll": F.cross_entropy(logits.float(), target).item(),
         "ece": 100 * multiclass_calibration_error(probs, target, num_classes=num_classes, n_bins=bins).item(),
+        # the worst bin's |accuracy - confidence| (Naeini et al. 2015), and the Brier score
+        "mce": 100
+        * multiclass_calibration_error(probs, target, num_classes=num_classes, n_bins=bins, norm="max").item(),
+        "brier": ((probs - one_hot) ** 2).sum(-1).mean().item(),
     }

@@ -36,7 +36,7 @@ from kdlab.quantization import model_size_bytes
 from kdlab.runs import Run, check_checkpoint
 from kdlab.schemes import DistillationScheme, SystemParts
 from kdlab.schemes.offline import OfflineDistillation
-from kdlab.teachers.calibration import CALIBRATORS, calibration_report, collect_logits
+from kdlab.teachers.calibration import Calibrator, calibration_report, collect_logits, fit_calibrator
 from kdlab.training import fit_and_test
 
 __all__ = [
@@ -127,7 +127,7 @@ def ensure_teacher(plan: Plan, index: int = 0) -> tuple[nn.Module, dict[str, Any
             model,
             recipe.model.name,
             recipe.model.kwargs,
-            temperature=metrics["calibration/temperature"],
+            temperature=metrics.get("calibration/temperature"),
             calibration_method=recipe.calibration.method,
         )
         log_summary(loggers, metrics)
@@ -145,24 +145,29 @@ def calibrate(model: nn.Module, plan: Plan, run: Run, index: int = 0) -> dict[st
     device = next(model.parameters()).device
     key = plan.teacher_input_key
     test_logits, test_targets = collect_logits(model, plan.datamodule.test_dataloader(), device, key)
-    if cfg.method == "none":
-        temperature = 1.0
-    else:
+    calibrator: Calibrator | float = 1.0
+    if cfg.method != "none":
         held_logits, held_targets = collect_logits(model, plan.datamodule.calibration_dataloader(), device, key)
-        temperature = CALIBRATORS.get(cfg.method)(held_logits, held_targets)
-    report = calibration_report(test_logits, test_targets, temperature, cfg.bins)
-    atomic_write_json(run.dir / "calibration.json", {"method": cfg.method, "temperature": temperature, **report})
+        calibrator = fit_calibrator(cfg.method, held_logits, held_targets)
+    report = calibration_report(test_logits, test_targets, calibrator, cfg.bins)
+    fitted = calibrator.summary() if isinstance(calibrator, Calibrator) else {"temperature": 1.0}
+    atomic_write_json(run.dir / "calibration.json", {"method": cfg.method, **fitted, **report})
+    with torch.no_grad():
+        calibrated = calibrator(test_logits.double()) if isinstance(calibrator, Calibrator) else test_logits
+    label = f"T={fitted['temperature']:.2f}" if "temperature" in fitted else cfg.method
     reliability_diagram(
         [
             ("before calibration", test_logits.softmax(-1), report["before"]["ece"]),
-            (f"after (T={temperature:.2f})", (test_logits / temperature).softmax(-1), report["after"]["ece"]),
+            (f"after ({label})", calibrated.float().softmax(-1), report["after"]["ece"]),
         ],
         test_targets,
         run.dir / "reliability.png",
         cfg.bins,
         title=f"teacher {recipe.model.name}, test split",
     )
-    metrics: dict[str, Any] = {"calibration/temperature": temperature}
+    metrics: dict[str, Any] = {}
+    if "temperature" in fitted:  # what use_calibrated_logits divides the teacher's logits by
+        metrics["calibration/temperature"] = fitted["temperature"]
     for when, values in report.items():
         metrics.update({f"test/{k}" + ("" if when == "before" else "_calibrated"): v for k, v in values.items()})
     return metrics

@@ -149,6 +149,11 @@ def _plan_teacher(
         _check_recipe(role, teacher.train)
     if teacher.calibration.method != "none":
         CALIBRATORS.get(teacher.calibration.method)
+    if teacher.use_calibrated_logits and teacher.calibration.method != "temperature":
+        raise ConfigError(
+            f"{role}: use_calibrated_logits divides the logits by the calibration temperature, so it needs"
+            f" calibration.method=temperature, not '{teacher.calibration.method}'"
+        )
     seed = teacher.seed if teacher.seed is not None else config.seed + index
     model = build_model(role, teacher.model, datamodule, seed + TEACHER_SEED_OFFSET, teacher=True)
     if teacher.checkpoint is not None:
