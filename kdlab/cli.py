@@ -134,6 +134,13 @@ def cmd_table(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(cell.error for cell in result.cells) else 0
 
 
+def cmd_teacher_report(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.teachers.report import teacher_report
+
+    teacher_report(list(args.runs), Path(args.out), args.data_root, console)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's info messages")
@@ -155,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the table's)")
     table.add_argument("--out", default="results", help="folder for the markdown, CSV, PNG and JSON")
     table.set_defaults(handler=cmd_table)
+
+    report = commands.add_parser("teacher-report", help="accuracy, calibration and agreement of teacher runs")
+    report.add_argument("runs", nargs="+", type=Path, help="teacher run folders (runs/teachers/<hash>)")
+    report.add_argument("--out", default="results", help="folder for the markdown and PNGs")
+    report.add_argument("--data-root", default=None, help="data.root of the runs' dataset (never part of a run)")
+    report.set_defaults(handler=cmd_teacher_report)
     return parser
 
 

@@ -112,6 +112,20 @@ def table_figure(
     _save(fig, path)
 
 
+def agreement_heatmap(matrix: torch.Tensor, labels: Sequence[str], path: Path) -> None:
+    """A ``[K, K]`` matrix of fractions in [0, 1] (pairwise teacher agreement) as an annotated heat map."""
+    fig, axis = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+    image = axis.imshow(matrix.numpy(), vmin=min(0.5, float(matrix.min())), vmax=1.0, cmap="viridis")
+    axis.set_xticks(range(len(labels)), labels)
+    axis.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            axis.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(image, ax=axis, shrink=0.8)
+    axis.set_title("top-1 agreement")
+    _save(fig, path)
+
+
 def training_curves(csv_files: Sequence[Path], path: Path, title: str = "") -> None:
     """Per-epoch training loss and validation top-1 from the CSV logs of every attempt of a run."""
     loss: dict[int, float] = {}
