@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdlab.config import ModelConfig, ScheduleConfig, TrainConfig
+from kdlab.config import ModelConfig, TrainConfig
 from kdlab.files import atomic_write_bytes, atomic_write_json
 from kdlab.loggers import log_summary
 from kdlab.methods import METHODS
@@ -27,6 +27,7 @@ from kdlab.planning import (
     TeacherPlan,
     build_system,
     data_spec,
+    init_recipe,
     plan_experiment,
     student_spec,
     teacher_spec,
@@ -185,13 +186,6 @@ def build_student_system(
         teacher_temperature if isinstance(teacher_temperature, list) else [teacher_temperature] * len(teachers)
     )
     return build_system(plan, teachers, temperatures, stage)
-
-
-def init_recipe(plan: Plan) -> TrainConfig:
-    """The initialisation stage's recipe: the student's optimiser at a constant (init) rate."""
-    train = plan.config.student.train
-    optimizer = replace(train.optimizer, lr=plan.method.init_lr or train.optimizer.lr)
-    return replace(train, epochs=plan.method.init_epochs, optimizer=optimizer, schedule=ScheduleConfig(name="constant"))
 
 
 def run_init_stage(plan: Plan, teachers: list[nn.Module], temperatures: list[float]) -> None:

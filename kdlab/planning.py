@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdlab.config import ExperimentConfig, ModelConfig, TeacherConfig, TrainConfig, resolved_teachers
+from kdlab.config import (
+    ExperimentConfig,
+    ModelConfig,
+    ScheduleConfig,
+    TeacherConfig,
+    TrainConfig,
+    resolved_teachers,
+)
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError, KdlabError
@@ -294,56 +301,56 @@ def check_model(
     return output
 
 
-def _dry_run(plan: Plan, callbacks: list[Any]) -> None:
-    """Fake samples through every part: shapes, class counts and layer names agree, the method
-    can use the features, and the whole scheme computes its loss once."""
+def _outputs(plan: Plan, teachers: list[nn.Module]) -> tuple[Batch, ModelOutput, list[ModelOutput]]:
+    """Fake samples through the student and ``teachers`` with the method's taps: shapes, class
+    counts and layer names agree."""
     datamodule, method = plan.datamodule, plan.method
     batch = example_batch(datamodule)
-    source = type(datamodule).__name__
-    student = check_model("student", plan.student, method.student_taps, batch["input"], datamodule.num_classes, source)
-    teachers = [
+    source, classes = type(datamodule).__name__, datamodule.num_classes
+    student = check_model("student", plan.student, method.student_taps, batch["input"], classes, source)
+    teacher_inputs = batch[plan.teacher_input_key]  # type: ignore[literal-required]
+    outputs = [
         check_model(
-            "teacher" if i == 0 else f"teacher {i}",
-            t.model,
-            method.teacher_taps,
-            batch[plan.teacher_input_key],  # type: ignore[literal-required]
-            datamodule.num_classes,
-            source,
+            "teacher" if i == 0 else f"teacher {i}", model, method.teacher_taps, teacher_inputs, classes, source
         )
-        for i, t in enumerate(plan.teachers)
+        for i, model in enumerate(teachers)
     ]
+    return batch, student, outputs
+
+
+def _dry_run(plan: Plan, callbacks: list[Any]) -> None:
+    """Fake samples through every part: the models take the data, the method can use their
+    features, and the whole scheme computes its loss once."""
+    method = plan.method
+    batch, student, teachers = _outputs(plan, [t.model for t in plan.teachers])
     if plan.scheme.teachers_taken == "none" and method.needs_teacher:
         teachers = [student]  # online and self schemes: the method compares student-side outputs
-    method.setup(student, teachers[0] if teachers else None, datamodule.data_info())
+    first = teachers[0] if teachers else None
+    method.setup(student, first, plan.datamodule.data_info())
     with preserved(method):
-        _try(lambda: method(student, teachers[0] if teachers else None, batch), method.name)
+        _try(lambda: method(student, first, batch), method.name)
         if method.init_epochs:
-            _try(lambda: method.init_loss(student, teachers[0] if teachers else None, batch), method.name)
+            _try(lambda: method.init_loss(student, first, batch), method.name)
     rng = torch.random.get_rng_state()
     with preserved(method), preserved(plan.student):
         # Copies: freezing is for trained teachers, and these may still have to train. In train
         # mode, as training will run it (quantisation observers need a training batch first);
         # what that changes in the student and method is put back, the rest is thrown away.
-        system = build_system(plan, [copy.deepcopy(t.model) for t in plan.teachers], probe=True)
+        system = build_system(plan, [copy.deepcopy(t.model) for t in plan.teachers])
         system.train()
         with torch.no_grad():
             _try(lambda: system.loss_terms(batch), method.name, f"scheme '{plan.config.scheme}'")
         for callback in callbacks:  # e.g. a temperature schedule on a method without temperature
             if hasattr(callback, "validate"):
                 callback.validate(system)
-    torch.random.set_rng_state(rng)
+    torch.random.set_rng_state(rng)  # the probe's seeding must not shift what training draws
 
 
 def setup_method(plan: Plan, teachers: list[nn.Module]) -> None:
     """Set up ``plan.method`` for ``plan.student`` against the first of ``teachers`` (a chain
     stage's fresh method: its parts' shapes depend on the two models)."""
-    batch = example_batch(plan.datamodule)
-    source, classes = type(plan.datamodule).__name__, plan.datamodule.num_classes
-    student = check_model("student", plan.student, plan.method.student_taps, batch["input"], classes, source)
-    teacher = check_model(
-        "teacher", teachers[0], plan.method.teacher_taps, batch[plan.teacher_input_key], classes, source
-    )  # type: ignore[literal-required]
-    plan.method.setup(student, teacher, plan.datamodule.data_info())
+    _, student, outputs = _outputs(plan, teachers[:1])
+    plan.method.setup(student, outputs[0], plan.datamodule.data_info())
 
 
 class preserved:
@@ -378,13 +385,10 @@ def build_system(
     teachers: list[nn.Module],
     temperatures: list[float] | None = None,
     stage: str = "main",
-    probe: bool = False,
 ) -> DistillationScheme:
     """The configured scheme around the planned student, method and frozen teachers. The
     scheme's own parts are initialised from the experiment's seed, so a rebuilt system (the dry
     run's, a resumed run's) starts the same."""
-    from kdlab.pipeline import init_recipe
-
     config = plan.config
     temperatures = temperatures or [1.0] * len(teachers)
     frozen = [FrozenTeacher(m, plan.method.teacher_taps, t) for m, t in zip(teachers, temperatures, strict=True)]
@@ -408,10 +412,12 @@ def build_system(
         data_info=plan.datamodule.data_info(),
         labelled_fraction=float(getattr(plan.datamodule, "student_labels", 1.0)),
     )
-    rng = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
-    try:
-        return plan.scheme(parts)
-    finally:
-        if probe:
-            torch.random.set_rng_state(rng)
+    return plan.scheme(parts)
+
+
+def init_recipe(plan: Plan) -> TrainConfig:
+    """The initialisation stage's recipe: the student's optimiser at a constant (init) rate."""
+    train = plan.config.student.train
+    optimizer = replace(train.optimizer, lr=plan.method.init_lr or train.optimizer.lr)
+    return replace(train, epochs=plan.method.init_epochs, optimizer=optimizer, schedule=ScheduleConfig(name="constant"))

@@ -42,13 +42,8 @@ class ActivationBoundaries(Method):
         super().__init__()
         if margin < 0:
             raise ValueError(f"margin must be non-negative, got {margin}")
-        if init_epochs < 0:
-            raise ValueError(f"init_epochs must be >= 0, got {init_epochs}")
-        if init_lr is not None and init_lr <= 0:
-            raise ValueError(f"init_lr must be positive, got {init_lr}")
         self.margin = margin
-        self.init_epochs = init_epochs
-        self.init_lr = init_lr
+        self.set_init_stage(init_epochs, init_lr)
         self.connectors = nn.ModuleList()
 
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:

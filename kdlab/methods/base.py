@@ -70,6 +70,21 @@ class Method(nn.Module, ABC):
         self.stage = "main"  # or "init"; set by the scheme
         self.epoch = 0  # the current training epoch, set by the scheme (warm-ups such as DKD's)
 
+    def set_init_stage(self, init_epochs: int, init_lr: float | None) -> None:
+        """Validate and keep the initialisation stage's length and (constant) learning rate."""
+        if init_epochs < 0:
+            raise ValueError(f"init_epochs must be >= 0, got {init_epochs}")
+        if init_lr is not None and init_lr <= 0:
+            raise ValueError(f"init_lr must be positive, got {init_lr}")
+        self.init_epochs = init_epochs
+        self.init_lr = init_lr
+
+    def set_temperature(self, temperature: float) -> None:
+        """Validate and keep a softening temperature (what the temperature callbacks later set)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:
         """Build parts whose shapes depend on the models or the data (called once, before
         training, on a dry-run batch through both models)."""

@@ -108,9 +108,7 @@ class ContrastiveRepresentationDistillationKD(ContrastiveRepresentationDistillat
         temperature: float = 4.0,
     ) -> None:
         super().__init__(feat_dim, nce_k, nce_temperature, nce_momentum)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
+        self.set_temperature(temperature)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None

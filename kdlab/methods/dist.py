@@ -29,11 +29,9 @@ class DIST(Method):
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.beta = beta
         self.gamma = gamma
-        self.temperature = temperature
+        self.set_temperature(temperature)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None

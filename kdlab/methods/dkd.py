@@ -29,13 +29,11 @@ class DecoupledKD(Method):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 epochs, got {warmup}")
         self.alpha = alpha
         self.beta = beta
-        self.temperature = temperature
+        self.set_temperature(temperature)
         self.warmup = warmup
 
     def warmup_factor(self) -> float:

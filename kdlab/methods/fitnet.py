@@ -58,14 +58,9 @@ class FitNet(Method):
         guided layer and the regressor on the hint loss alone; RepDistiller (and the CRD table)
         trains in one stage, hint loss and CE together."""
         super().__init__()
-        if init_epochs < 0:
-            raise ValueError(f"init_epochs must be >= 0, got {init_epochs}")
-        if init_lr is not None and init_lr <= 0:
-            raise ValueError(f"init_lr must be positive, got {init_lr}")
         self.hint = hint
         self.student_taps = self.teacher_taps = (hint,)
-        self.init_epochs = init_epochs
-        self.init_lr = init_lr
+        self.set_init_stage(init_epochs, init_lr)
         self.regressor: nn.Module | None = None
 
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:

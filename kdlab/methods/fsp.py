@@ -43,12 +43,7 @@ class FSP(Method):
 
     def __init__(self, init_epochs: int = 30, init_lr: float | None = None) -> None:
         super().__init__()
-        if init_epochs < 0:
-            raise ValueError(f"init_epochs must be >= 0, got {init_epochs}")
-        if init_lr is not None and init_lr <= 0:
-            raise ValueError(f"init_lr must be positive, got {init_lr}")
-        self.init_epochs = init_epochs
-        self.init_lr = init_lr
+        self.set_init_stage(init_epochs, init_lr)
 
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:
         """Fail early unless every FSP matrix of the student has the teacher's shape (as RepDistiller's

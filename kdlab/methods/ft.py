@@ -87,14 +87,9 @@ class FactorTransfer(Method):
             raise ValueError(f"rate must be positive, got {rate}")
         if p <= 0:
             raise ValueError(f"p must be positive, got {p}")
-        if init_epochs < 0:
-            raise ValueError(f"init_epochs must be >= 0, got {init_epochs}")
-        if init_lr is not None and init_lr <= 0:
-            raise ValueError(f"init_lr must be positive, got {init_lr}")
         self.rate = rate
         self.p = p
-        self.init_epochs = init_epochs
-        self.init_lr = init_lr
+        self.set_init_stage(init_epochs, init_lr)
         self.paraphraser: Paraphraser | None = None
         self.translator: Translator | None = None
 

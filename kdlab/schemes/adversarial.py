@@ -23,7 +23,7 @@ from torch import nn
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
-from kdlab.schemes.base import DistillationScheme, SystemParts
+from kdlab.schemes.base import DistillationScheme, SystemParts, probing
 from kdlab.schemes.registry import register_scheme
 
 EMBEDDING = "embedding"
@@ -74,8 +74,9 @@ class AdversarialDistillation(DistillationScheme):
                 teacher.taps.remove()
                 teacher.taps = FeatureTaps(teacher.model, (*parts.method.teacher_taps, EMBEDDING), role="teacher")
         assert parts.example is not None
-        with torch.no_grad():
-            student, teacher = self._pair(parts.example, train_mode=False)
+        with probing(parts.student):
+            student = self._views(self.student_output(parts.example))
+            teacher = self._views(self.teacher_outputs(parts.example)[0])
         width = sum(t.shape[1] for t in teacher)
         self.student_map = (
             nn.Linear(student[-1].shape[1], teacher[-1].shape[1]) if self.uses_embedding else nn.Identity()
@@ -87,14 +88,6 @@ class AdversarialDistillation(DistillationScheme):
             nn.LeakyReLU(0.2),
             nn.Linear(options.hidden, 1),
         )
-
-    def _pair(self, batch: Batch, train_mode: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """What the discriminator sees of the student and the teacher, as lists of ``[B, D]``."""
-        was_training = self.student.training
-        self.student.train(train_mode and was_training)
-        out = self.student_output(batch)
-        self.student.train(was_training)
-        return self._views(out), self._views(self.teacher_outputs(batch)[0])
 
     def _views(self, out: ModelOutput) -> list[torch.Tensor]:
         views = [] if self.options.inputs == "embedding" else [out.logits]
@@ -109,17 +102,23 @@ class AdversarialDistillation(DistillationScheme):
         return out
 
     def _d_input(self, views: list[torch.Tensor], student: bool) -> torch.Tensor:
-        if student and self.uses_embedding and hasattr(self, "student_map"):
+        if student and self.uses_embedding:
             views = [*views[:-1], self.student_map(views[-1])]
         return torch.cat(views, dim=1)
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The student's terms (used by the dry run and, with the discriminator fixed, by training)."""
+        """The student's terms with the discriminator fixed (what the dry run checks)."""
         student = self.student_output(batch)
         teacher = self.teacher_outputs(batch)[0]
+        return self._student_terms(student, teacher, self._d_input(self._views(student), student=True), batch)
+
+    def _student_terms(
+        self, student: ModelOutput, teacher: ModelOutput, fake: torch.Tensor, batch: Batch
+    ) -> dict[str, torch.Tensor]:
+        """The method's terms plus ``adv``: the non-saturating generator loss of fooling D."""
         terms = self.method_terms(student, teacher, batch)
-        fake_logit = self.discriminator(self._d_input(self._views(student), student=True))
-        terms["adv"] = F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+        generated = self.discriminator(fake)
+        terms["adv"] = F.binary_cross_entropy_with_logits(generated, torch.ones_like(generated))
         return terms
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -141,9 +140,7 @@ class AdversarialDistillation(DistillationScheme):
         accuracy = ((real_logit > 0).float().mean() + (fake_logit < 0).float().mean()) / 2
         self.diagnostics.update({"d_loss": d_loss.detach(), "d_acc": accuracy.detach()})
 
-        terms = self.method_terms(student, teacher, batch)
-        generated = self.discriminator(fake)
-        terms["adv"] = F.binary_cross_entropy_with_logits(generated, torch.ones_like(generated))
+        terms = self._student_terms(student, teacher, fake, batch)
         loss = self.weighted_sum(terms)
         student_opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)

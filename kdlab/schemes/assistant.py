@@ -21,7 +21,7 @@ from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.schemes.base import DistillationScheme, SystemParts
 from kdlab.schemes.ensemble import TeacherEnsemble
-from kdlab.schemes.multi_teacher import averaged_terms, setup_method_copies
+from kdlab.schemes.multi_teacher import per_teacher_methods, per_teacher_terms
 from kdlab.schemes.registry import register_scheme
 
 if TYPE_CHECKING:
@@ -74,27 +74,18 @@ class AssistantChain(DistillationScheme):
     def __init__(self, parts: SystemParts) -> None:
         super().__init__(parts)
         self.ensemble = TeacherEnsemble(parts.teachers, parts.method.teacher_taps)
-        self.guide_methods = nn.ModuleList()
-        if len(parts.teachers) > 1:
-            if parts.method.init_epochs:
-                raise ConfigError(f"assistant: dgkd with method '{parts.method.name}' (an init stage) is not supported")
-            assert parts.example is not None
-            with torch.no_grad():
-                student = self.student_output(parts.example)
-                guides = self.ensemble(parts.example[self.teacher_input_key])  # type: ignore[literal-required]
-            self.guide_methods.extend(setup_method_copies(parts, student, guides)[1:])
+        if len(parts.teachers) > 1 and parts.method.init_epochs:
+            raise ConfigError(f"assistant: dgkd with method '{parts.method.name}' (an init stage) is not supported")
+        self.guide_methods = nn.ModuleList(per_teacher_methods(self, self.ensemble))
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         student = self.student_output(batch)
         guides = self.ensemble(batch[self.teacher_input_key])  # type: ignore[literal-required]
         if len(guides) == 1:
             return self.method_terms(student, guides[0], batch)
-        terms: dict[str, torch.Tensor] = {}
-        if self.weights.get("ce", 0.0):
-            terms["ce"] = self.supervised_ce(student.logits, batch)
         equal = student.logits.new_full((len(guides), student.logits.shape[0]), 1.0 / len(guides))
-        terms.update(averaged_terms([self.method, *self.guide_methods], student, guides, equal, batch))  # type: ignore[arg-type]
-        return terms
+        methods = [self.method, *self.guide_methods]
+        return per_teacher_terms(self, methods, student, guides, equal, batch)  # type: ignore[arg-type]
 
     def scheme_parameters(self) -> Iterator[nn.Parameter]:
         return self.guide_methods.parameters()

@@ -9,6 +9,7 @@ and optimises the student, the method's parts and whatever the scheme owns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +28,21 @@ from kdlab.schemes.loss_log import LossLog
 from kdlab.schemes.teacher import FrozenTeacher
 
 TEACHERS_PREFIX = "teachers."
+
+
+@contextmanager
+def probing(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for a forward that only finds shapes (the example batch), so
+    building a scheme never moves a model's BatchNorm statistics; modes are restored after."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Weights are equal, fixed, or adaptive per sample (``confidence``: CA-MKD; ``entr
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.features import ModelOutput
 from kdlab.methods.base import Method
-from kdlab.schemes.base import DistillationScheme, SystemParts
+from kdlab.schemes.base import DistillationScheme, SystemParts, probing
 from kdlab.schemes.ensemble import COMBINE_MODES, WEIGHTINGS, TeacherEnsemble, combine_logits, teacher_weights
 from kdlab.schemes.registry import register_scheme
 
@@ -47,23 +46,36 @@ class MultiTeacherOptions:
             raise ConfigError(f"multi_teacher: weighting=fixed needs non-negative weights, got {self.weights}")
 
 
-def setup_method_copies(parts: SystemParts, student: ModelOutput, teachers: list[ModelOutput]) -> list[Method]:
-    """The configured method for each teacher: the planned one for the first, fresh copies (own
-    regressors, memory banks) set up on the example batch for the others."""
-    methods = [parts.method]
+def per_teacher_methods(scheme: DistillationScheme, ensemble: TeacherEnsemble) -> list[Method]:
+    """Fresh copies of the configured method for the second teacher on (own regressors, memory
+    banks), each set up on the example batch against its teacher; the first teacher keeps the
+    planned method."""
+    parts = scheme.parts
+    assert parts.example is not None and parts.make_method is not None and parts.data_info is not None
+    with probing(parts.student):
+        student = scheme.student_output(parts.example)
+        teachers = ensemble(parts.example[scheme.teacher_input_key])  # type: ignore[literal-required]
+    methods = []
     for teacher in teachers[1:]:
-        assert parts.make_method is not None and parts.data_info is not None
         method = parts.make_method()
         method.setup(student, teacher, parts.data_info)
         methods.append(method)
     return methods
 
 
-def averaged_terms(
-    methods: list[Method], student: ModelOutput, teachers: list[ModelOutput], weights: torch.Tensor, batch: Batch
+def per_teacher_terms(
+    scheme: DistillationScheme,
+    methods: list[Method],
+    student: ModelOutput,
+    teachers: list[ModelOutput],
+    weights: torch.Tensor,
+    batch: Batch,
 ) -> dict[str, torch.Tensor]:
-    """Each teacher's method terms, weighted by its batch-mean weight (``weights``: ``[K, B]``)."""
+    """CE (when weighted) plus each teacher's method terms, weighted by its batch-mean weight
+    (``weights``: ``[K, B]``)."""
     terms: dict[str, torch.Tensor] = {}
+    if scheme.weights.get("ce", 0.0):
+        terms["ce"] = scheme.supervised_ce(student.logits, batch)
     for method, teacher, weight in zip(methods, teachers, weights.mean(dim=1), strict=True):
         for name, value in method(student, teacher, batch).items():
             terms[name] = terms[name] + weight * value if name in terms else weight * value
@@ -95,13 +107,8 @@ class MultiTeacherDistillation(DistillationScheme):
             raise ConfigError(f"multi_teacher: method '{parts.method.name}' has an initialisation stage; not supported")
         self.ensemble = TeacherEnsemble(parts.teachers, parts.method.teacher_taps, options.vectorize)
         self.temperature = options.temperature or float(getattr(parts.method, "temperature", 1.0))
-        self.teacher_methods = nn.ModuleList()
-        if options.combine == "per_teacher" and parts.example is not None:
-            with torch.no_grad():
-                example = copy.copy(parts.example)
-                student = self.student_output(example)
-                teachers = self.ensemble(example[self.teacher_input_key])  # type: ignore[literal-required]
-            self.teacher_methods.extend(setup_method_copies(parts, student, teachers)[1:])
+        per_teacher = options.combine == "per_teacher"
+        self.teacher_methods = nn.ModuleList(per_teacher_methods(self, self.ensemble) if per_teacher else [])
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         options: MultiTeacherOptions = self.options
@@ -112,12 +119,8 @@ class MultiTeacherDistillation(DistillationScheme):
         for k, weight in enumerate(weights.mean(dim=1)):
             self.diagnostics[f"teacher{k}_weight"] = weight.detach()
         if options.combine == "per_teacher":
-            terms: dict[str, torch.Tensor] = {}
-            if self.weights.get("ce", 0.0):
-                terms["ce"] = self.supervised_ce(student.logits, batch)
             methods = [self.method, *self.teacher_methods]
-            terms.update(averaged_terms(methods, student, teachers, weights, batch))  # type: ignore[arg-type]
-            return terms
+            return per_teacher_terms(self, methods, student, teachers, weights, batch)  # type: ignore[arg-type]
         combined = ModelOutput(combine_logits(logits, weights, options.combine, self.temperature))
         return self.method_terms(student, combined, batch)
 

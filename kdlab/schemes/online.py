@@ -20,7 +20,7 @@ from torch import nn
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
-from kdlab.schemes.base import DistillationScheme, SystemParts
+from kdlab.schemes.base import DistillationScheme, SystemParts, probing
 from kdlab.schemes.registry import register_scheme
 
 
@@ -53,7 +53,7 @@ class DeepMutualLearning(DistillationScheme):
         self.student_taps.remove()
         self._taps = [FeatureTaps(model, taps, role=f"peer {k}") for k, model in enumerate(self.models())]
         self.pairs = list(itertools.permutations(range(count), 2))
-        with torch.no_grad():
+        with probing(*self.models()):
             outputs = self._outputs(parts.example)
         methods = []
         for i, j in self.pairs:

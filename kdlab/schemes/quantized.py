@@ -76,7 +76,6 @@ class QuantizedDistillation(OfflineDistillation):
             )
         super().__init__(parts)
         assert parts.example is not None
-        self.float_bytes = model_size_bytes(parts.student)
         self.student = prepare_fake_quant(
             parts.student, self.options.bits, parts.example[self.input_key], self.options.activation_bits
         )
@@ -97,12 +96,13 @@ class QuantizedDistillation(OfflineDistillation):
             for batch in datamodule.test_dataloader():
                 metrics.update(int8(batch[self.input_key].cpu()), batch["target"].cpu())
         int8_bytes = model_size_bytes(int8)
+        float_bytes = model_size_bytes(self.parts.student)  # the float twin: same architecture, same size
         self._int8 = int8
         return {
             **{f"test/int8/{k}": float(v) for k, v in metrics.compute().items()},
-            "size_bytes/float": self.float_bytes,
+            "size_bytes/float": float_bytes,
             "size_bytes/int8": int8_bytes,
-            "size_ratio/int8_to_float": round(int8_bytes / self.float_bytes, 4),
+            "size_ratio/int8_to_float": round(int8_bytes / float_bytes, 4),
             "bits": self.options.bits,
             "activation_bits": self.options.activation_bits,
         }

@@ -21,7 +21,7 @@ from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.methods.adapters import spatial_layers
-from kdlab.schemes.base import DistillationScheme, SystemParts
+from kdlab.schemes.base import DistillationScheme, SystemParts, probing
 from kdlab.schemes.registry import register_scheme
 
 STAGES = "stages"
@@ -73,11 +73,8 @@ class SelfDistillation(DistillationScheme):
         self.weights.update({"exit_ce": self.options.exit_ce_weight, "exit_feature": self.options.feature_weight})
         self.stage_taps = FeatureTaps(parts.student, (STAGES,), role="student")
         assert parts.example is not None
-        with torch.no_grad():
-            was_training = parts.student.training
-            parts.student.eval()
+        with probing(parts.student):
             stages = tapped_forward(parts.student, self.stage_taps, parts.example[self.input_key]).features[STAGES]
-            parts.student.train(was_training)
         if len(stages) < 2:
             raise ConfigError(f"byot: the student has {len(stages)} stage(s); exits need at least 2")
         deepest = stages[-1].shape
