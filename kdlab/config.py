@@ -6,9 +6,10 @@ its default. OmegaConf validates and merges; this module turns its errors into o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdlab.errors import ConfigError
+
+# Field metadata for options added after runs existed: a run spec leaves such a field out while it
+# holds its default, so adding an option never renames (and retrains) the runs made before it.
+ADDED_OPTION = {"omit_from_spec_at_default": True}
 
 
 @dataclass
@@ -212,8 +217,24 @@ def resolved_teachers(config: ExperimentConfig) -> list[TeacherConfig]:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (for YAML, hashing and loggers)."""
+    """Plain nested dict of a config dataclass (for YAML and loggers)."""
     return asdict(config)
+
+
+def spec_dict(config: Any) -> dict[str, Any]:
+    """The nested dict of a config dataclass that goes into a run's hashed spec: like ``asdict``
+    but without :data:`ADDED_OPTION` fields that hold their default."""
+    result: dict[str, Any] = {}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.metadata.get("omit_from_spec_at_default") and value == _default(item):
+            continue
+        result[item.name] = spec_dict(value) if is_dataclass(value) else copy.deepcopy(value)
+    return result
+
+
+def _default(item: Any) -> Any:
+    return item.default_factory() if item.default_factory is not MISSING else item.default
 
 
 def to_yaml(data: dict[str, Any]) -> str:

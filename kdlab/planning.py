@@ -23,6 +23,7 @@ from kdlab.config import (
     TeacherConfig,
     TrainConfig,
     resolved_teachers,
+    spec_dict,
 )
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.data.base import Batch
@@ -180,16 +181,16 @@ def teacher_spec(
 ) -> dict[str, Any]:
     """What determines a teacher: shared by every student whose experiment resolves to it."""
     teacher = teacher or config.teacher
-    model_data = asdict(teacher.model)
+    model_data = spec_dict(teacher.model)
     spec: dict[str, Any] = {
         "stage": "teacher",
         "seed": config.seed if seed is None else seed,
         "data": teacher_data_spec(config),
         "model": model_data,
-        "calibration": asdict(teacher.calibration),
+        "calibration": spec_dict(teacher.calibration),
     }
     if teacher.checkpoint is None:
-        spec["train"] = asdict(teacher.train)
+        spec["train"] = spec_dict(teacher.train)
     else:
         path = Path(teacher.checkpoint).resolve()
         spec["checkpoint"] = {"path": str(path), "sha256": file_sha256(path)}
@@ -210,7 +211,7 @@ def student_spec(
         "seed": config.seed,
         "scheme": config.scheme,
         "data": data_spec(config),
-        "student": asdict(config.student),
+        "student": spec_dict(config.student),
         "method": {"name": config.method.name, "params": params, "weights": weights},
     }
     options = asdict(plan.options) if plan.options is not None else {}
@@ -224,7 +225,7 @@ def student_spec(
     if chain:
         spec["chain"] = chain
     if config.callbacks:
-        spec["callbacks"] = [asdict(c) for c in config.callbacks]
+        spec["callbacks"] = [spec_dict(c) for c in config.callbacks]
     return spec
 
 
@@ -240,7 +241,7 @@ def teacher_data_spec(config: ExperimentConfig) -> dict[str, Any]:
 
 def data_spec(config: ExperimentConfig) -> dict[str, Any]:
     """The data config minus where the files live, which never changes a result."""
-    return {key: value for key, value in asdict(config.data).items() if key != "root"}
+    return {key: value for key, value in spec_dict(config.data).items() if key != "root"}
 
 
 def _check_recipe(role: str, train: TrainConfig) -> None:

@@ -10,13 +10,13 @@ instead of only the previous one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from kdlab.config import ModelConfig
+from kdlab.config import ModelConfig, spec_dict
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
 from kdlab.schemes.base import DistillationScheme, SystemParts
@@ -118,7 +118,7 @@ class AssistantChain(DistillationScheme):
                 "stage": "assistant",
                 "seed": config.seed,
                 "data": data_spec(config),
-                "student": {"model": asdict(model_config), "train": asdict(config.student.train)},
+                "student": {"model": spec_dict(model_config), "train": spec_dict(config.student.train)},
                 "method": method,
                 "guides": list(guides),
             }
