@@ -32,6 +32,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+SAM_VARIANTS = ("none", "sam", "asam")
+
+
 @dataclass
 class OptimizerConfig:
     name: str = "sgd"  # sgd | adamw | adam
@@ -39,6 +42,19 @@ class OptimizerConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    # Sharpness-aware minimisation around the optimiser above (kdlab/sam.py): none | sam | asam.
+    sam: str = field(default="none", metadata=ADDED_OPTION)
+    # Neighbourhood radius; None: the variant's paper default for CIFAR (SAM 0.05, ASAM 0.5).
+    sam_rho: float | None = field(default=None, metadata=ADDED_OPTION)
+    asam_eta: float = field(default=0.01, metadata=ADDED_OPTION)  # ASAM's T_w = |w| + eta
+
+    def __post_init__(self) -> None:
+        if self.sam not in SAM_VARIANTS:
+            raise ConfigError(f"unknown optimizer.sam '{self.sam}' (valid: {', '.join(SAM_VARIANTS)})")
+        if self.sam_rho is not None and self.sam_rho <= 0:
+            raise ConfigError(f"optimizer.sam_rho must be positive, got {self.sam_rho}")
+        if self.asam_eta < 0:
+            raise ConfigError(f"optimizer.asam_eta must be >= 0, got {self.asam_eta}")
 
 
 @dataclass
@@ -47,6 +63,27 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
     warmup_epochs: int = 0
+
+
+@dataclass
+class MixConfig:
+    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) of training batches (kdlab/mixing.py);
+    off while both alphas are 0. ``switch_prob``: chance of CutMix when both are on."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0  # chance that a batch is mixed at all
+    switch_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError(f"mix alphas must be >= 0, got {self.mixup_alpha} and {self.cutmix_alpha}")
+        if not (0.0 <= self.prob <= 1.0 and 0.0 <= self.switch_prob <= 1.0):
+            raise ConfigError(f"mix.prob and mix.switch_prob must be in [0, 1], got {self.prob}, {self.switch_prob}")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
 
 
 @dataclass
@@ -59,6 +96,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     precision: str = "32-true"
     gradient_clip_val: float | None = None
+    mix: MixConfig = field(default_factory=MixConfig, metadata=ADDED_OPTION)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from kdlab.config import OptimizerConfig, ScheduleConfig
 from kdlab.registry import Registry
+from kdlab.sam import wrap_sam
 
 OPTIMIZERS: Registry[Callable[[Iterable[torch.nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = Registry(
     "optimizer"
@@ -50,8 +51,13 @@ def _constant(cfg: ScheduleConfig, epochs: int) -> Callable[[int], float]:
     return lambda epoch: 1.0
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(params, cfg)
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, model: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """The named optimiser, wrapped in SAM/ASAM when ``cfg.sam`` asks (``model``: whose BatchNorm
+    statistics SAM's second forward pass must not move)."""
+    base = OPTIMIZERS.get(cfg.name)(params, cfg)
+    return wrap_sam(base, cfg.sam, cfg.sam_rho, cfg.asam_eta, model)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LambdaLR:

@@ -23,7 +23,9 @@ from kdlab.data.base import Batch, DataInfo
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.methods.base import Method
 from kdlab.metrics import ClassificationMetrics
+from kdlab.mixing import BatchMixer, check_mixing
 from kdlab.optim import build_optimizer, build_scheduler
+from kdlab.sam import check_sam
 from kdlab.schemes.loss_log import LossLog
 from kdlab.schemes.teacher import FrozenTeacher
 
@@ -114,6 +116,12 @@ class DistillationScheme(L.LightningModule):
             {split: ClassificationMetrics(parts.num_classes, parts.calibration_bins) for split in ("val", "test")}
         )
         self._evaluated: set[str] = set()
+        # Mixup/CutMix and SAM live in this class's training step; a scheme with its own cannot use them.
+        own_step = type(self).training_step is not DistillationScheme.training_step
+        check_mixing(parts, own_step)
+        check_sam(parts.train, own_step)
+        self.mixer = BatchMixer(parts.train.mix, parts.num_classes) if parts.train.mix.enabled else None
+        self._mixed: Batch | None = None
         # Teachers are saved in their own runs, not in every student checkpoint.
         self.register_state_dict_post_hook(_drop_teacher_state)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_state)
@@ -158,6 +166,7 @@ class DistillationScheme(L.LightningModule):
         return terms
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        batch = self.mixed(batch)
         terms = self.loss_terms(batch)
         loss = self.weighted_sum(terms)
         self.log_terms({**terms, "loss": loss}, batch)
@@ -166,7 +175,21 @@ class DistillationScheme(L.LightningModule):
     def weighted_sum(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.term_weight(name) * term for name, term in terms.items())  # type: ignore[return-value]
 
+    def mixed(self, batch: Batch) -> Batch:
+        """The training batch, mixed when ``train.mix`` is on (SAM's second pass reuses the mix)."""
+        if self.mixer is not None and (self._mixed is None or not self.in_sam_second_pass()):
+            self._mixed = self.mixer(batch, self.input_key)
+        return batch if self.mixer is None else self._mixed  # type: ignore[return-value]
+
+    def in_sam_second_pass(self) -> bool:
+        """Whether SAM is re-running this step at perturbed weights (not to be logged twice)."""
+        trainer = self._trainer
+        return trainer is not None and any(getattr(o, "perturbed", False) for o in trainer.optimizers)
+
     def log_terms(self, terms: dict[str, torch.Tensor], batch: Batch) -> None:
+        if self.in_sam_second_pass():
+            self.diagnostics = {}
+            return
         self.loss_log.add(self, {**terms, **self.diagnostics}, batch["target"].shape[0])
         self.diagnostics = {}
 
@@ -229,7 +252,7 @@ class DistillationScheme(L.LightningModule):
         yield from self.extra_modules.parameters()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.trainable_parameters(), self.train_config.optimizer)
+        optimizer = build_optimizer(self.trainable_parameters(), self.train_config.optimizer, model=self)
         scheduler = build_scheduler(optimizer, self.train_config.schedule, self.train_config.epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
