@@ -16,6 +16,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
 from kdlab.data.base import ClassificationDataModule, TransformedDataset
+from kdlab.data.randaugment import randaugment as randaugment_transform
 from kdlab.data.registry import register_dataset
 from kdlab.errors import ConfigError
 
@@ -41,9 +42,11 @@ class _CIFARDataModule(ClassificationDataModule):
     std: ClassVar[tuple[float, float, float]]
     input_shape = (3, 32, 32)
 
-    def __init__(self, **common: Any) -> None:
+    def __init__(self, *, randaugment: str | None = None, **common: Any) -> None:
         super().__init__(**common)
         self.folder = self._check_files()
+        # timm's RandAugment after crop and flip (only with data.augment), e.g. "rand-m9-mstd0.5".
+        self.randaugment = randaugment_transform(randaugment, 32, self.mean, self.dataset_name) if randaugment else None
 
     def _check_files(self) -> Path:
         """The dataset folder, or a ConfigError now rather than a traceback in setup."""
@@ -69,7 +72,8 @@ class _CIFARDataModule(ClassificationDataModule):
 
     def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         plain = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
-        augmented = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
+        extra = [self.randaugment] if self.randaugment is not None else []
+        augmented = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *extra, plain])
         root = str(self.folder.parent)
         try:
             train = self.dataset_class(root, train=True, download=False)

@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from kdlab.data.base import ClassificationDataModule, TransformedDataset
+from kdlab.data.randaugment import randaugment as check_randaugment
 from kdlab.data.registry import register_dataset
 from kdlab.errors import ConfigError
 
@@ -36,6 +37,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         image_size: int = 224,
         mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+        randaugment: str | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -44,6 +46,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.image_size = image_size
         self.mean = _channels(mean, "mean")
         self.std = _channels(std, "std")
+        # timm's RandAugment in its training transform (only with data.augment), e.g. "rand-m9-mstd0.5".
+        if randaugment:
+            check_randaugment(randaugment, image_size, self.mean, "imagefolder")
+        self.randaugment = randaugment or None
         self.train_dir, self.eval_dir = self._split_dirs()
         self.classes = self._classes()
         self.num_classes = len(self.classes)
@@ -81,7 +87,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         }
         plain = create_transform(is_training=False, crop_pct=CROP_PCT, **common)
         # timm adds colour jitter unless told not to; the recipe here is crop and flip only.
-        augmented = create_transform(is_training=True, color_jitter=None, **common)
+        augmented = create_transform(is_training=True, color_jitter=None, auto_augment=self.randaugment, **common)
         try:
             train = ImageFolder(str(self.train_dir))
             test = ImageFolder(str(self.eval_dir), transform=plain)
