@@ -80,6 +80,19 @@ def _options(obj: Any, kind: str) -> str:
     return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)
 
 
+def _teacher_runs(plan: Any) -> list[tuple[str, Any]]:
+    """Label and run folder of every teacher run (each member of an ensemble)."""
+    rows = []
+    for i, teacher in enumerate(plan.teachers):
+        label = "teacher run" + (f" {i}" if len(plan.teachers) > 1 else "")
+        rows += [(label + (f" member {m}" if teacher.members else ""), run) for m, run in enumerate(teacher.runs)]
+    return rows
+
+
+def _ensemble_label(teacher: Any) -> str:
+    return f" (ensemble of {len(teacher.members)}, first member's run)" if teacher.members else ""
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from kdlab.catalog import load_experiment
     from kdlab.config import to_dict, to_yaml
@@ -89,9 +102,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     plan = plan_experiment(config)
     if args.dry_run:
         console.print(to_yaml(to_dict(config)), highlight=False, markup=False)
-        teachers = [t.run for t in plan.teachers]
         runs = [
-            *((f"teacher run{'' if len(teachers) == 1 else f' {i}'}", run) for i, run in enumerate(teachers)),
+            *_teacher_runs(plan),
             *((f"assistant run {i}", link.run) for i, link in enumerate(plan.chain, start=1)),
             ("student run", plan.student_run),
         ]
@@ -100,11 +112,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"{label}: {run.dir} ({state})")
         return 0
     outcome = execute_plan(plan)
-    teachers = [t.run for t in plan.teachers]
+    teachers = plan.teachers
     for label, run, metrics in (
         *(
-            (f"teacher{'' if len(teachers) == 1 else f' {i}'}", r, m)
-            for i, (r, m) in enumerate(zip(teachers, outcome.teachers, strict=True))
+            (f"teacher{'' if len(teachers) == 1 else f' {i}'}{_ensemble_label(t)}", t.run, m)
+            for i, (t, m) in enumerate(zip(plan.teachers, outcome.teachers, strict=True))
         ),
         *(
             (f"assistant {i}", link.run, m)
@@ -141,6 +153,23 @@ def cmd_teacher_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.teachers.stored import cache_teacher_run
+
+    path, manifest = cache_teacher_run(
+        args.run, args.dataset, args.overrides, args.data_root, args.top_k, args.dtype, args.out, args.device
+    )
+    size = sum((path / name).stat().st_size for name in manifest["files"])
+    samples = manifest["num_samples"]
+    kind = "full logits" if manifest["top_k"] is None else f"top-{manifest['top_k']} logits + rest mass"
+    console.print(
+        f"[bold]store[/bold] {path}: {samples} samples x {manifest['num_classes']} classes, {kind},"
+        f" {size / samples:.1f} bytes/sample, {size / 1e6:.2f} MB, written in {manifest['write_seconds']:.1f} s"
+    )
+    console.print(f"students read it with: teacher.source=cache teacher.store={path}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's info messages")
@@ -168,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="results", help="folder for the markdown and PNGs")
     report.add_argument("--data-root", default=None, help="data.root of the runs' dataset (never part of a run)")
     report.set_defaults(handler=cmd_teacher_report)
+
+    cache = commands.add_parser(
+        "cache", help="write a teacher run's outputs on the training split to a soft-label store"
+    )
+    cache.add_argument("run", type=Path, help="a finished teacher run folder (runs/teachers/<hash>)")
+    cache.add_argument("overrides", nargs="*", help="data.key=value overrides of the teacher run's data config")
+    cache.add_argument("--dataset", default=None, help="another dataset than the teacher's (same classes)")
+    cache.add_argument("--data-root", default=None, help="data.root of the dataset (never part of a run)")
+    cache.add_argument("--top-k", type=int, default=None, help="store the k largest logits (large class counts)")
+    cache.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage type of logits")
+    cache.add_argument("--out", type=Path, default=None, help="store folder (default: <runs>/stores/<key>)")
+    cache.add_argument("--device", default="cpu", help="where the teacher runs (cpu, cuda)")
+    cache.set_defaults(handler=cmd_cache)
     return parser
 
 

@@ -97,6 +97,9 @@ class TrainConfig:
     precision: str = "32-true"
     gradient_clip_val: float | None = None
     mix: MixConfig = field(default_factory=MixConfig, metadata=ADDED_OPTION)
+    # This model's training augmentation, over ``data.augment`` (None: that). E.g. a teacher
+    # trained with augmentation, its student distilled from a soft-label store without.
+    augment: bool | None = field(default=None, metadata=ADDED_OPTION)
 
 
 @dataclass
@@ -134,6 +137,15 @@ class TeacherConfig:
     # Initialisation and training seed; None: the experiment's seed plus the teacher's position in
     # ``teachers``, so same-architecture teachers of one experiment differ.
     seed: int | None = None
+    # Where a student gets this teacher's outputs: "model" (its forward pass, every step) or
+    # "cache" (a soft-label store written by `kdlab cache`; the teacher is never built).
+    source: str = field(default="model", metadata=ADDED_OPTION)
+    # The store's folder with source=cache; None: the default path `kdlab cache` writes to.
+    store: str | None = field(default=None, metadata=ADDED_OPTION)
+    # A deep ensemble of this many seeds as one teacher (kdlab/teachers/ensemble.py): member m
+    # trains from seed + m * 7919 (member 0 is the single teacher) and the teacher's output is the
+    # log of the members' averaged probabilities.
+    ensemble: int = field(default=1, metadata=ADDED_OPTION)
 
 
 @dataclass

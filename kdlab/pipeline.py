@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.config import ModelConfig, TrainConfig
+from kdlab.config import ModelConfig, TeacherConfig, TrainConfig
 from kdlab.files import atomic_write_bytes, atomic_write_json
 from kdlab.loggers import log_summary
 from kdlab.methods import METHODS
+from kdlab.metrics import evaluate_logits
 from kdlab.modelio import MODEL_FILE_FORMAT, load_model_weights, save_model
 from kdlab.models import count_parameters
 from kdlab.planning import (
@@ -38,6 +39,7 @@ from kdlab.runs import Run, check_checkpoint
 from kdlab.schemes import DistillationScheme, SystemParts
 from kdlab.schemes.offline import OfflineDistillation
 from kdlab.teachers.calibration import Calibrator, calibration_report, collect_logits, fit_calibrator
+from kdlab.teachers.ensemble import DeepEnsemble
 from kdlab.training import fit_and_test
 
 __all__ = [
@@ -97,11 +99,34 @@ def supervised_system(
 
 
 def ensure_teacher(plan: Plan, index: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or load) and calibrate teacher ``index`` unless a finished run with its config exists."""
-    config = plan.config
+    """Train (or load) and calibrate teacher ``index`` unless a finished run with its config
+    exists; a deep ensemble's members each so; a stored teacher is only looked up."""
     teacher: TeacherPlan = plan.teachers[index]
-    run, model, recipe = teacher.run, teacher.model, teacher.config
     label = "teacher" if len(plan.teachers) == 1 else f"teacher {index}"
+    if teacher.store is not None:  # source=cache: the store stands in; the teacher is never built
+        print(f"[kdlab] {label}: reading soft-label store {teacher.store.path}")
+        return teacher.model, dict(teacher.store.manifest["teacher"]["metrics"])
+    if teacher.members:
+        trained = [_ensure_model(plan, member, f"{label} member {m}") for m, member in enumerate(teacher.members)]
+        ensemble = DeepEnsemble([model for model, _ in trained])
+        return ensemble, ensemble_metrics(plan, ensemble, [metrics for _, metrics in trained])
+    return _ensure_model(plan, teacher, label)
+
+
+def ensemble_metrics(plan: Plan, ensemble: DeepEnsemble, members: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ensemble's test accuracy and calibration (it has no run of its own), and its members'."""
+    device = next(ensemble.parameters()).device
+    logits, targets = collect_logits(ensemble, plan.datamodule.test_dataloader(), device, plan.teacher_input_key)
+    metrics: dict[str, Any] = {f"test/{k}": v for k, v in evaluate_logits(logits, targets).items()}
+    metrics["ensemble"] = len(members)
+    metrics["members/test/top1"] = [m.get("test/top1") for m in members]
+    metrics["params"] = sum(m.get("params", 0) for m in members)
+    return metrics
+
+
+def _ensure_model(plan: Plan, teacher: TeacherPlan, label: str) -> tuple[nn.Module, dict[str, Any]]:
+    config = plan.config
+    run, model, recipe = teacher.run, teacher.model, teacher.config
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
@@ -119,7 +144,7 @@ def ensure_teacher(plan: Plan, index: int = 0) -> tuple[nn.Module, dict[str, Any
                 f"{config.name}/{label}",
                 "teacher",
             )
-        metrics.update(calibrate(model, plan, run, index))
+        metrics.update(calibrate(model, plan, run, recipe))
         metrics["params"] = count_parameters(model)
         metrics["model"] = recipe.model.name
         metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
@@ -139,9 +164,8 @@ def ensure_teacher(plan: Plan, index: int = 0) -> tuple[nn.Module, dict[str, Any
     return model, metrics
 
 
-def calibrate(model: nn.Module, plan: Plan, run: Run, index: int = 0) -> dict[str, Any]:
+def calibrate(model: nn.Module, plan: Plan, run: Run, recipe: TeacherConfig) -> dict[str, Any]:
     """Fit the configured calibration on the held-out split; report test metrics before/after."""
-    recipe = plan.teachers[index].config
     cfg = recipe.calibration
     device = next(model.parameters()).device
     key = plan.teacher_input_key

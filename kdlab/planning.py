@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdlab.cache import SoftLabelStore
 from kdlab.config import (
     ExperimentConfig,
     ModelConfig,
@@ -27,7 +28,7 @@ from kdlab.config import (
 )
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.data.base import Batch
-from kdlab.errors import ConfigError, KdlabError
+from kdlab.errors import ConfigError, KdlabError, did_you_mean
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.files import file_sha256
 from kdlab.loggers import wandb_mode
@@ -38,7 +39,9 @@ from kdlab.models import create_model
 from kdlab.optim import OPTIMIZERS, SCHEDULES
 from kdlab.runs import TEACHER_GROUP, Run
 from kdlab.schemes import SCHEMES, DistillationScheme, FrozenTeacher, SystemParts, parse_options
+from kdlab.schemes.teacher import StoredTeacher, StoreLookup
 from kdlab.teachers.calibration import CALIBRATORS
+from kdlab.teachers.ensemble import ENSEMBLE_SEED_OFFSET, DeepEnsemble
 
 TEACHER_SEED_OFFSET = 1_000_003
 # Online peers (and other student-architecture models a scheme adds) draw from their own streams.
@@ -48,12 +51,27 @@ PAIRED_TEACHER_INPUT = "teacher_input"
 
 @dataclass
 class TeacherPlan:
-    """One teacher: its config, its (untrained or loaded) model, its run and its seed."""
+    """One teacher: its config, its (untrained or loaded) model, its run and its seed; or, with
+    ``source=cache``, its soft-label store (``model`` then looks logits up by sample index)."""
 
     config: TeacherConfig
     model: nn.Module
     run: Run
     seed: int
+    store: SoftLabelStore | None = None
+    # A deep ensemble (``ensemble`` > 1): its members, each a teacher of its own; ``model`` is then
+    # a :class:`DeepEnsemble` for checking shapes and ``run`` the first member's.
+    members: list[TeacherPlan] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[Run]:
+        """The run folders this teacher needs: its own, or its members'."""
+        return [member.run for member in self.members] if self.members else [self.run]
+
+    @property
+    def key(self) -> str:
+        """What identifies the teacher in a dependent run's spec."""
+        return "+".join(run.hash for run in self.runs)
 
 
 @dataclass
@@ -112,16 +130,17 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     _check_recipe("student", config.student.train)
     student = build_model("student", config.student.model, datamodule, config.seed)
 
+    teacher_configs = _teacher_configs(config, scheme, method_cls.needs_teacher)
+    _check_teacher_options(config, teacher_configs, scheme, method)
     teachers = [
-        _plan_teacher(config, teacher_config, index, datamodule)
-        for index, teacher_config in enumerate(_teacher_configs(config, scheme, method_cls.needs_teacher))
+        _plan_teacher(config, teacher_config, index, datamodule) for index, teacher_config in enumerate(teacher_configs)
     ]
     plan = Plan(config, datamodule, student, method, weights, None, teachers, scheme, options)  # type: ignore[arg-type]
     _dry_run(plan, callbacks)
     chain_spec = scheme.plan_chain(plan) if hasattr(scheme, "plan_chain") else None
     spec = student_spec(config, plan, resolved_params(method_cls, config.method.params), weights, chain_spec)
     plan.student_run = Run.for_spec(config.runtime.runs_dir, config.name, spec)
-    for run in [t.run for t in plan.teachers] + [link.run for link in plan.chain] + [plan.student_run]:
+    for run in [r for t in plan.teachers for r in t.runs] + [link.run for link in plan.chain] + [plan.student_run]:
         if not run.is_finished():
             run.resumable_checkpoint()
     return plan
@@ -149,6 +168,50 @@ def _teacher_configs(config: ExperimentConfig, scheme: type[DistillationScheme],
     return given if (needs or taken == "one") else []
 
 
+TEACHER_SOURCES = ("model", "cache")
+
+
+def _check_teacher_options(
+    config: ExperimentConfig, teachers: list[TeacherConfig], scheme: type[DistillationScheme], method: Method
+) -> None:
+    """Ensembles and ``teacher.source=cache`` only where their logits can stand in for a teacher."""
+    for teacher in teachers:
+        if teacher.source not in TEACHER_SOURCES:
+            hint = did_you_mean(teacher.source, TEACHER_SOURCES)
+            raise ConfigError(
+                f"unknown teacher.source '{teacher.source}'{'; ' + hint if hint else ''}"
+                f" (valid: {', '.join(TEACHER_SOURCES)})"
+            )
+        if teacher.ensemble < 1:
+            raise ConfigError(f"teacher.ensemble must be at least 1 (members), got {teacher.ensemble}")
+        if teacher.ensemble > 1 and method.teacher_taps:
+            raise ConfigError(
+                f"method '{method.name}' reads the teacher's features ({', '.join(method.teacher_taps)}), and a deep"
+                " ensemble has only averaged probabilities; use teacher.ensemble=1, or list the members as"
+                " teachers of scheme=multi_teacher with combine=per_teacher"
+            )
+        if teacher.ensemble > 1 and teacher.source == "cache":
+            raise ConfigError("teacher.ensemble > 1 with teacher.source=cache: stores hold single teacher runs")
+        if teacher.ensemble > 1 and teacher.use_calibrated_logits:
+            raise ConfigError(
+                "teacher.use_calibrated_logits with an ensemble: its members have temperatures of their own;"
+                " averaging probabilities is already the ensemble's calibration"
+            )
+    if not any(teacher.source == "cache" for teacher in teachers):
+        return
+    if not scheme.reads_teacher_store:
+        valid = ", ".join(name for name in SCHEMES.names() if SCHEMES.get(name).reads_teacher_store)
+        raise ConfigError(
+            f"scheme '{config.scheme}' calls its teachers on inputs, so teacher.source=cache cannot stand in;"
+            f" schemes that read a soft-label store: {valid}"
+        )
+    if method.teacher_taps:
+        raise ConfigError(
+            f"method '{method.name}' reads the teacher's features ({', '.join(method.teacher_taps)}), and a"
+            " soft-label store holds only its logits; use teacher.source=model"
+        )
+
+
 def _plan_teacher(
     config: ExperimentConfig, teacher: TeacherConfig, index: int, datamodule: ClassificationDataModule
 ) -> TeacherPlan:
@@ -163,9 +226,26 @@ def _plan_teacher(
             f" calibration.method=temperature, not '{teacher.calibration.method}'"
         )
     seed = teacher.seed if teacher.seed is not None else config.seed + index
+    if teacher.ensemble > 1:
+        members = [
+            _plan_teacher(config, replace(teacher, ensemble=1, seed=seed + m * ENSEMBLE_SEED_OFFSET), index, datamodule)
+            for m in range(teacher.ensemble)
+        ]
+        # Copies: the dry run only needs shapes, and the members must stay trainable.
+        shapes = DeepEnsemble([copy.deepcopy(member.model) for member in members])
+        return TeacherPlan(teacher, shapes, members[0].run, seed, members=members)
+    if teacher.source == "cache":
+        from kdlab.teachers.stored import open_student_store
+
+        run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config, teacher, seed))
+        augment = config.student.train.augment
+        datamodule.use_augmentation(augment)  # the store is read by the student's training
+        data = config.data if augment is None else replace(config.data, augment=augment)
+        store = open_student_store(teacher.store, config.runtime.runs_dir, run.dir, data, datamodule, role)
+        return TeacherPlan(teacher, StoreLookup(store), run, seed, store)
     model = build_model(role, teacher.model, datamodule, seed + TEACHER_SEED_OFFSET, teacher=True)
     if teacher.checkpoint is not None:
-        load_model_weights(model, Path(teacher.checkpoint))
+        load_model_weights(model, Path(teacher.checkpoint))  # a missing file: its own clear error
     run = Run.for_spec(config.runtime.runs_dir, TEACHER_GROUP, teacher_spec(config, teacher, seed))
     return TeacherPlan(teacher, model, run, seed)
 
@@ -185,12 +265,12 @@ def teacher_spec(
     spec: dict[str, Any] = {
         "stage": "teacher",
         "seed": config.seed if seed is None else seed,
-        "data": teacher_data_spec(config),
+        "data": teacher_data_spec(config, teacher.train.augment),
         "model": model_data,
         "calibration": spec_dict(teacher.calibration),
     }
     if teacher.checkpoint is None:
-        spec["train"] = spec_dict(teacher.train)
+        spec["train"] = recipe_spec(teacher.train)
     else:
         path = Path(teacher.checkpoint).resolve()
         spec["checkpoint"] = {"path": str(path), "sha256": file_sha256(path)}
@@ -210,14 +290,14 @@ def student_spec(
         "stage": "student",
         "seed": config.seed,
         "scheme": config.scheme,
-        "data": data_spec(config),
-        "student": spec_dict(config.student),
+        "data": data_spec(config, config.student.train.augment),
+        "student": {**spec_dict(config.student), "train": recipe_spec(config.student.train)},
         "method": {"name": config.method.name, "params": params, "weights": weights},
     }
     options = asdict(plan.options) if plan.options is not None else {}
     if options:
         spec["scheme_params"] = options
-    runs = [{"run": t.run.hash, "use_calibrated_logits": t.config.use_calibrated_logits} for t in plan.teachers]
+    runs = [_teacher_entry(t) for t in plan.teachers]
     if len(runs) == 1:
         spec["teacher"] = runs[0]
     elif runs:
@@ -229,19 +309,36 @@ def student_spec(
     return spec
 
 
-def teacher_data_spec(config: ExperimentConfig) -> dict[str, Any]:
+def _teacher_entry(teacher: TeacherPlan) -> dict[str, Any]:
+    """A teacher as a student's spec names it: its run, and its store when read from one."""
+    if teacher.members:
+        return {"ensemble": [run.hash for run in teacher.runs]}
+    entry: dict[str, Any] = {"run": teacher.run.hash, "use_calibrated_logits": teacher.config.use_calibrated_logits}
+    if teacher.store is not None:
+        entry.update(source="cache", store=teacher.store.content_hash)
+    return entry
+
+
+def teacher_data_spec(config: ExperimentConfig, augment: bool | None = None) -> dict[str, Any]:
     """The data config minus the options that only change what the student sees."""
     from kdlab.data import DATASETS
 
-    spec = data_spec(config)
+    spec = data_spec(config, augment)
     student_only = DATASETS.get(config.data.name).student_only_options
     spec["kwargs"] = {k: v for k, v in spec["kwargs"].items() if k not in student_only}
     return spec
 
 
-def data_spec(config: ExperimentConfig) -> dict[str, Any]:
-    """The data config minus where the files live, which never changes a result."""
-    return {key: value for key, value in spec_dict(config.data).items() if key != "root"}
+def data_spec(config: ExperimentConfig, augment: bool | None = None) -> dict[str, Any]:
+    """The data config minus where the files live, which never changes a result; ``augment`` is a
+    recipe's own augmentation setting, which replaces ``data.augment`` when given."""
+    spec = {key: value for key, value in spec_dict(config.data).items() if key != "root"}
+    return spec if augment is None else {**spec, "augment": augment}
+
+
+def recipe_spec(train: TrainConfig) -> dict[str, Any]:
+    """A training recipe as a spec names it: its augmentation setting lives in the data spec."""
+    return {key: value for key, value in spec_dict(train).items() if key != "augment"}
 
 
 def _check_recipe(role: str, train: TrainConfig) -> None:
@@ -311,7 +408,9 @@ def _outputs(plan: Plan, teachers: list[nn.Module]) -> tuple[Batch, ModelOutput,
     student = check_model("student", plan.student, method.student_taps, batch["input"], classes, source)
     teacher_inputs = batch[plan.teacher_input_key]  # type: ignore[literal-required]
     outputs = [
-        check_model(
+        ModelOutput(model(batch["index"]))
+        if isinstance(model, StoreLookup)
+        else check_model(
             "teacher" if i == 0 else f"teacher {i}", model, method.teacher_taps, teacher_inputs, classes, source
         )
         for i, model in enumerate(teachers)
@@ -337,7 +436,7 @@ def _dry_run(plan: Plan, callbacks: list[Any]) -> None:
         # Copies: freezing is for trained teachers, and these may still have to train. In train
         # mode, as training will run it (quantisation observers need a training batch first);
         # what that changes in the student and method is put back, the rest is thrown away.
-        system = build_system(plan, [copy.deepcopy(t.model) for t in plan.teachers])
+        system = build_system(plan, [t.model if t.store else copy.deepcopy(t.model) for t in plan.teachers])
         system.train()
         with torch.no_grad():
             _try(lambda: system.loss_terms(batch), method.name, f"scheme '{plan.config.scheme}'")
@@ -392,7 +491,10 @@ def build_system(
     run's, a resumed run's) starts the same."""
     config = plan.config
     temperatures = temperatures or [1.0] * len(teachers)
-    frozen = [FrozenTeacher(m, plan.method.teacher_taps, t) for m, t in zip(teachers, temperatures, strict=True)]
+    frozen = [
+        StoredTeacher(m, t) if isinstance(m, StoreLookup) else FrozenTeacher(m, plan.method.teacher_taps, t)
+        for m, t in zip(teachers, temperatures, strict=True)
+    ]
 
     def make_student(k: int) -> nn.Module:
         return build_model(f"peer {k}", config.student.model, plan.datamodule, config.seed + k * PEER_SEED_OFFSET)

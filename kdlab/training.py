@@ -45,6 +45,7 @@ def fit_and_test(
     """Train (resuming from ``last.ckpt`` if present), then test; returns metrics and loggers."""
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
+    datamodule.use_augmentation(train.augment)
     resume = run.resumable_checkpoint()
     attempt = _attempt_number(run)
     loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt)

@@ -122,7 +122,7 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.augment = augment
+        self.augment = self.configured_augment = augment
         self.root = root
         self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
@@ -194,11 +194,53 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
             return self.augment_batch(batch)
         return batch
 
+    def use_augmentation(self, augment: bool | None) -> None:
+        """Train the next model with (``True``) or without augmentation; ``None``: as configured.
+        Teacher and student recipes may differ, so the training split is rebuilt on a change."""
+        effective = self.configured_augment if augment is None else augment
+        if effective != self.augment:
+            self.augment = effective
+            self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def deterministic_training_view(self) -> bool:
+        """Whether a training sample looks the same every epoch (what a soft-label store needs:
+        one stored teacher output per sample is then exact). kdlab's datasets augment only with
+        ``augment``; a dataset with other random training transforms overrides this."""
+        return not self.augment
+
+    def training_view_signature(self) -> str:
+        """A description of how training samples are made (dataset class, augmentation and every
+        transform's repr): a soft-label store records it and refuses a student whose differs."""
+        self.setup()
+        transforms = [repr(t) for t in _transforms(self.train_set)]
+        return f"{type(self).__name__}(augment={self.augment}) " + " | ".join(transforms)
+
+    def ordered_train_dataloader(self) -> DataLoader:
+        """The training split in index order with its training transforms (the store's writer)."""
+        self.setup()
+        return self._loader(self.train_set, self.eval_batch_size)
+
     def calibration_dataloader(self) -> DataLoader:
         """The held-out split, for fitting a calibration; refused when there is none."""
         if not self.has_validation:
             raise ConfigError("calibration needs a held-out split: set data.val_fraction > 0")
         return self._loader(self.val_set, self.eval_batch_size)
+
+
+def _transforms(dataset: Dataset | None) -> list[Any]:
+    """The transforms applied along a chain of dataset wrappers, outermost first."""
+    found = []
+    while dataset is not None:
+        transform = getattr(dataset, "transform", None)
+        if transform is not None:
+            found.append(transform)
+        dataset = (
+            getattr(dataset, "dataset", None) or getattr(dataset, "base", None) or getattr(dataset, "samples", None)
+        )
+        if not isinstance(dataset, Dataset):
+            break
+    return found
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:

@@ -57,6 +57,7 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
 @register_scheme("adversarial", "GAN-style: a discriminator tells teacher from student outputs; the student fools it")
 class AdversarialDistillation(DistillationScheme):
     example = "mnist1d-adversarial"
+    reads_teacher_store = True
     Options = AdversarialOptions
     teachers_taken = "one"
 

@@ -95,7 +95,7 @@ class AssistantChain(DistillationScheme):
         """Build and check each assistant, and name its run by everything that determines it."""
         from kdlab.methods import METHODS
         from kdlab.methods.registry import resolved_params
-        from kdlab.planning import ChainLink, build_model, check_model, data_spec, example_batch
+        from kdlab.planning import ChainLink, build_model, check_model, data_spec, example_batch, recipe_spec
         from kdlab.runs import Run
 
         config, options = plan.config, plan.options
@@ -108,7 +108,7 @@ class AssistantChain(DistillationScheme):
         }
         models = options.models()
         check_chain(plan.teachers[0].config.model, models, config.student.model)
-        guides = [plan.teachers[0].run.hash]
+        guides = [plan.teachers[0].key]
         for index, model_config in enumerate(models, start=1):
             role = f"assistant {index}"
             model = build_model(role, model_config, plan.datamodule, config.seed + index * ASSISTANT_SEED_OFFSET)
@@ -117,8 +117,8 @@ class AssistantChain(DistillationScheme):
             spec = {
                 "stage": "assistant",
                 "seed": config.seed,
-                "data": data_spec(config),
-                "student": {"model": spec_dict(model_config), "train": spec_dict(config.student.train)},
+                "data": data_spec(config, config.student.train.augment),
+                "student": {"model": spec_dict(model_config), "train": recipe_spec(config.student.train)},
                 "method": method,
                 "guides": list(guides),
             }

@@ -92,6 +92,9 @@ class DistillationScheme(L.LightningModule):
     # How many teachers the scheme takes: "method" (one if the method needs a teacher, else none),
     # "none", "one", or "many" (one or more).
     teachers_taken: ClassVar[str] = "method"
+    # Whether teachers reach the scheme only through :meth:`teacher_outputs`, so a soft-label store
+    # (``teacher.source=cache``) can stand in for them.
+    reads_teacher_store: ClassVar[bool] = False
 
     def __init__(self, parts: SystemParts) -> None:
         super().__init__()
@@ -143,7 +146,7 @@ class DistillationScheme(L.LightningModule):
         return tapped_forward(self.student, self.student_taps, batch[self.input_key])
 
     def teacher_outputs(self, batch: Batch) -> list[ModelOutput]:
-        return [teacher(batch[self.teacher_input_key]) for teacher in self.teachers]
+        return [teacher.outputs(batch, self.teacher_input_key) for teacher in self.teachers]
 
     def supervised_ce(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Cross-entropy on the samples whose label the student may see (all, unless the batch

@@ -18,6 +18,7 @@ class OfflineDistillation(DistillationScheme):
     """
 
     example = "mnist1d-zoo"
+    reads_teacher_store = True
 
     def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         student = self.student_output(batch)
