@@ -109,3 +109,23 @@ def test_method_presets_apply_to_their_method_beneath_overrides(tmp_path: Path) 
     assert load_experiment(str(path), ["method.params.temperature=2"]).method.params == {"temperature": 2}
     switched = load_experiment(str(path), ["method.name=ce"]).method
     assert switched.params == {} and switched.weights == {"ce": 3}
+
+
+def test_options_added_later_stay_out_of_run_specs_at_their_default(tmp_path: Path) -> None:
+    from kdlab.config import spec_dict
+    from kdlab.planning import plan_experiment
+
+    runs = f"runtime.runs_dir={tmp_path}"
+    config = build_config([], ["teacher.train.optimizer.sam=none", "teacher.ensemble=1", "student.train.augment=null"])
+    teacher = spec_dict(config.teacher)
+    assert "ensemble" not in teacher and "source" not in teacher and "store" not in teacher
+    assert "sam" not in teacher["train"]["optimizer"] and "mix" not in teacher["train"]
+    assert set(teacher["train"]["optimizer"]) == {"name", "lr", "momentum", "weight_decay", "nesterov"}
+    asam = build_config([], ["teacher.train.optimizer.sam=asam"])
+    assert spec_dict(asam.teacher)["train"]["optimizer"]["sam"] == "asam"
+    # A recipe's own augmentation lands in its data spec; the same effective data, the same run.
+    default = plan_experiment(load_experiment("mnist1d-kd", [runs]))
+    explicit = plan_experiment(load_experiment("mnist1d-kd", [runs, "teacher.train.augment=true"]))
+    off = plan_experiment(load_experiment("mnist1d-kd", [runs, "student.train.augment=false"]))
+    assert explicit.teacher_run == default.teacher_run == off.teacher_run
+    assert off.student_run != default.student_run and off.student_run.spec["data"]["augment"] is False
