@@ -24,6 +24,7 @@ from timm.data import Mixup
 from kdlab.config import MixConfig
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
+from kdlab.schemes.teacher import StoredTeacher
 
 if TYPE_CHECKING:
     from kdlab.schemes.base import SystemParts
@@ -110,7 +111,7 @@ def check_mixing(parts: SystemParts, own_step: bool = False) -> None:
         raise ConfigError("train.mix (mixup/cutmix) is not supported on paired data: teacher and student inputs differ")
     if parts.honour_labelled and parts.labelled_fraction < 1.0:
         raise ConfigError("train.mix (mixup/cutmix) is not supported when some samples are unlabelled")
-    if any(type(t).__name__ == "StoredTeacher" for t in parts.teachers):
+    if any(isinstance(t, StoredTeacher) for t in parts.teachers):
         raise ConfigError(
             "train.mix (mixup/cutmix) needs the teacher's outputs on the mixed inputs: use teacher.source=model, "
             "not a soft-label store"

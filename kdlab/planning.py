@@ -38,6 +38,7 @@ from kdlab.modelio import load_model_weights
 from kdlab.models import create_model
 from kdlab.optim import OPTIMIZERS, SCHEDULES
 from kdlab.runs import TEACHER_GROUP, Run
+from kdlab.sam import check_sam
 from kdlab.schemes import SCHEMES, DistillationScheme, FrozenTeacher, SystemParts, parse_options
 from kdlab.schemes.teacher import StoredTeacher, StoreLookup
 from kdlab.teachers.calibration import CALIBRATORS
@@ -342,8 +343,14 @@ def recipe_spec(train: TrainConfig) -> dict[str, Any]:
 
 
 def _check_recipe(role: str, train: TrainConfig) -> None:
+    """A recipe's names and settings; the student's are checked again by its scheme, which also
+    knows whether it runs its own training step."""
     OPTIMIZERS.get(train.optimizer.name)
     SCHEDULES.get(train.schedule.name)
+    try:
+        check_sam(train)
+    except ConfigError as error:
+        raise ConfigError(f"{role}: {error}") from None
     if train.epochs < 1:
         raise ConfigError(f"{role}.train.epochs must be at least 1, got {train.epochs}")
 

@@ -108,6 +108,7 @@ def test_adversarial_scheme_reads_the_store(cached: tuple[Path, Path, Path]) -> 
         ([*FROM_STORE, "scheme=multi_teacher", "teachers=[{},{}]"], "scheme 'multi_teacher' calls its teachers"),
         (["teacher.source=cahce"], "unknown teacher.source 'cahce'; did you mean 'cache'?"),
         ([*FROM_STORE, "teacher.seed=7"], "no finished soft-label store at"),
+        ([*FROM_STORE, "student.train.mix.mixup_alpha=0.2"], "not a soft-label store"),
     ],
 )
 def test_store_use_is_refused_with_the_reason(

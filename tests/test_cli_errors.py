@@ -47,6 +47,11 @@ def _fail(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (["data.kwargs.num_sample=10"], "dataset 'mnist1d': unknown option 'num_sample'; did you mean 'num_samples'"),
         (["student.train.optimizer.name=adamm"], "unknown optimizer 'adamm'; did you mean 'adam'"),
         (["teacher.checkpoint=/nonexistent/teacher.pt"], "checkpoint /nonexistent/teacher.pt does not exist"),
+        (
+            ["teacher.train.optimizer.sam=sam", "teacher.train.precision=16-mixed"],
+            "teacher: optimizer.sam does not work with precision '16-mixed'",
+        ),
+        (["teacher.train.optimizer.sam=sma"], "unknown optimizer.sam 'sma'"),
         (["runtime.wandb=sometimes"], "runtime.wandb must be one of auto, online, offline, disabled"),
         (["method.name=at"], "method 'at' cannot use these models' features: feature maps must both be"),
         (["method.name=fsp"], "method 'fsp': the student has 1 stem/stage outputs and the teacher 3"),
