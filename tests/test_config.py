@@ -129,3 +129,20 @@ def test_options_added_later_stay_out_of_run_specs_at_their_default(tmp_path: Pa
     off = plan_experiment(load_experiment("mnist1d-kd", [runs, "student.train.augment=false"]))
     assert explicit.teacher_run == default.teacher_run == off.teacher_run
     assert off.student_run != default.student_run and off.student_run.spec["data"]["augment"] is False
+
+
+def test_the_wheel_lists_every_folder_of_code_and_yaml() -> None:
+    """setuptools' package list is explicit: a new folder left out would vanish from `pip install .`."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages, data = set(setup["packages"]), setup["package-data"]
+    for package, folder in setup["package-dir"].items():
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix not in (".py", ".yaml") or "__pycache__" in path.parts:
+                continue
+            name = ".".join([package, *path.parent.relative_to(root / folder).parts])
+            assert name in packages, f"{path.relative_to(root)}: package {name} is not in pyproject's packages"
+            if path.suffix == ".yaml":
+                assert "*.yaml" in data.get(name, []), f"{path.relative_to(root)}: {name} lacks *.yaml package data"
