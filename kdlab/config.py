@@ -187,6 +187,10 @@ class RuntimeConfig:
     wandb_project: str = "kdlab"
     wandb_entity: str | None = None
     wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)  # added to kdlab's own (stage, scheme, ...)
+    # The keys a table or sweep varies, dotted key -> value (kdlab/wandb_ablation.py): logged as
+    # top-level W&B config so parallel coordinates and grouping can use them.
+    wandb_sweep: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     log_every_n_steps: int = 10
 
