@@ -1,7 +1,8 @@
 """Loggers for a run: CSV always; W&B online when logged in and reachable, else offline files.
 
 W&B must never block or crash a run: the mode is decided up front (no login or no network means
-offline), and any failure to start it downgrades to CSV-only with a warning.
+offline), any failure to start it downgrades to CSV-only with a warning, and so does a failure while
+logging (the W&B service dying mid-run, a full disk).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from kdlab.config import RuntimeConfig
 from kdlab.errors import ConfigError
+from kdlab.wandb_ablation import run_identity, wandb_config
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -70,29 +73,63 @@ def make_loggers(
     try:
         import wandb
 
+        job_type, tags = run_identity(config, runtime.runs_dir, job_type)
         experiment = wandb.init(
             name=name,
             project=runtime.wandb_project,
             entity=runtime.wandb_entity,
             group=runtime.wandb_group or name.split("/")[0],
             job_type=job_type,
+            tags=list(dict.fromkeys([*tags, *runtime.wandb_tags])),
             dir=str(run_dir),
             id=f"{name.split('/')[0]}-{run_dir.name}"[-64:],  # a resumed run continues its W&B run
             resume="allow",
             mode=mode,
-            config=config,
+            config=wandb_config(config, runtime.wandb_sweep),
             settings=wandb.Settings(quiet=True, console="off", init_timeout=30, disable_git=True),
         )
-        loggers.append(WandbLogger(experiment=experiment))
+        loggers.append(GuardedWandbLogger(experiment=experiment))
     except Exception as error:  # noqa: BLE001 - W&B is optional; the run goes on without it
         warnings.warn(f"W&B logging disabled for this run: {error}", stacklevel=2)
     return loggers
 
 
+class GuardedWandbLogger(WandbLogger):
+    """A WandbLogger whose first failure warns and ends W&B logging for the run, not the run itself
+    (Lightning lets a logger's exception end ``fit``)."""
+
+    failed = False
+
+    def _guard(self, action: Any, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            action(*args)
+        except Exception as error:  # noqa: BLE001 - W&B is optional; training goes on without it
+            self.failed = True
+            warnings.warn(f"W&B logging stopped for this run (the CSV log goes on): {error!r}", stacklevel=3)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._guard(super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._guard(super().log_hyperparams, params)
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._guard(super().after_save_checkpoint, checkpoint_callback)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._guard(super().finalize, status)
+
+
 def log_summary(loggers: list[Logger], metrics: dict[str, Any]) -> None:
     """Final metrics into each W&B run's summary; then close W&B so its files are complete."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, WandbLogger) and not getattr(logger, "failed", False):
             try:
                 logger.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
                 logger.experiment.finish()

@@ -24,11 +24,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlab.catalog import load_experiment, papers_dir, table_registry
-from kdlab.config import load_yaml
+from kdlab.config import RuntimeConfig, load_yaml
 from kdlab.errors import ConfigError, KdlabError, unknown
 from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.launch import SlurmOptions, table_on_slurm
 from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
 from kdlab.plots import table_figure
+from kdlab.wandb_tables import cell_runtime, log_table
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class TableResult:
     cells: list[Cell]
     wall_seconds: float
     files: list[Path] = field(default_factory=list)
+    runtime: RuntimeConfig | None = None  # the cells' (W&B settings and group); None: the defaults
 
 
 def load_paper(key: str) -> dict[str, Any]:
@@ -139,6 +142,7 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) 
     for seed in seeds:
         for row in spec.rows:
             config = load_experiment(row.experiment, [*row.overrides, *overrides, f"seed={seed}"])
+            config.runtime = cell_runtime(config.runtime, spec.name, row.experiment, row.overrides, seed)
             try:
                 plan = plan_experiment(config)
             except KdlabError as error:
@@ -152,11 +156,25 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) 
 
 
 def run_table(
-    spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str] = (), console: Console | None = None
+    spec: TableSpec,
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    console: Console | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> TableResult:
+    """Plan every cell, then run it here, one after another, or (``slurm``) as a Slurm job array."""
     console = console or Console()
     started = time.perf_counter()
     planned = plan_table(spec, seeds, overrides)
+    if slurm is None:
+        _run_here(planned, console)
+    else:  # waits for the jobs, then fills in each cell's metrics, or its error line and log path
+        table_on_slurm(spec.name, planned, overrides, slurm, console)
+    cells, runtime = [c for c, _ in planned], planned[0][1].config.runtime if planned else None
+    return TableResult(spec, list(seeds), cells, time.perf_counter() - started, runtime=runtime)
+
+
+def _run_here(planned: list[tuple[Cell, Plan]], console: Console) -> None:
     for number, (cell, plan) in enumerate(planned, 1):
         console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
         teacher_row = cell.row.stage == "teacher"
@@ -168,7 +186,6 @@ def run_table(
         except Exception as error:  # noqa: BLE001 - one failed cell must not hide the others
             cell.error = f"{type(error).__name__}: {error}".splitlines()[0]
             console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
-    return TableResult(spec, list(seeds), [c for c, _ in planned], time.perf_counter() - started)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -264,6 +281,7 @@ def write_outputs(result: TableResult, out_dir: Path, console: Console | None = 
     writer.writerows(records)
     atomic_write_text(stem.with_suffix(".csv"), buffer.getvalue())
     table_figure(header, display, stem.with_suffix(".png"), title=result.spec.title, footer=note)
+    log_table(result, header, display, records, stem.with_suffix(".png"))
     cells = [
         {
             "label": c.row.label,
