@@ -2,7 +2,7 @@
 """The two commands of the README, runnable on a machine with nothing but Python 3.10+.
 
     python3 dev.py demo    # set up .venv, then run the MNIST-1D KD comparison table (3 seeds)
-    python3 dev.py test    # set up .venv, then ruff and the whole test suite (slow tests included)
+    python3 dev.py test    # set up .venv, then ruff, a local Slurm cluster and the whole test suite
 
 Set-up is idempotent: ``.venv`` is (re)installed only when pyproject.toml changed since the last
 install. Extra arguments go to the underlying command (``kdlab table`` or ``pytest``).
@@ -41,6 +41,19 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def start_local_slurm() -> None:
+    """The Slurm tests run against a real one-node cluster on localhost: start it (idempotent;
+    installs Debian's slurm-wlm on first use). Exit code 3 means it cannot run on this machine
+    (not root, no apt-get): those tests then skip, saying why; any other failure stops here."""
+    command = ["bash", str(ROOT / "slurm" / "local-cluster.sh"), "start"]
+    print("+", " ".join(command), flush=True)
+    code = subprocess.run(command, cwd=ROOT).returncode
+    if code == 3:
+        print("no local Slurm cluster on this machine: the Slurm tests will be skipped", flush=True)
+    elif code:
+        raise subprocess.CalledProcessError(code, command)
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test"):
         print(__doc__)
@@ -52,6 +65,7 @@ def main() -> int:
         run(BIN / "kdlab", "table", "mnist1d-kd", "--seeds", "3", *extra)
     else:
         run(BIN / "ruff", "check", ".")
+        start_local_slurm()
         run(BIN / "python", "-m", "pytest", *extra)
     return 0
 

@@ -134,6 +134,21 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _slurm_options(args: argparse.Namespace) -> Any:
+    """The Slurm options of ``sweep``/``table``; given with ``--launcher local``, they are an error."""
+    from kdlab.launch import SlurmOptions, parse_time
+
+    given = {name: getattr(args, name) for name in SLURM_FLAGS if getattr(args, name) is not None}
+    if args.launcher != "slurm":
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise KdlabError(f"{flags} only apply to --launcher slurm (got --launcher {args.launcher})")
+        return None
+    if "time" in given:
+        given["time_minutes"] = parse_time(given.pop("time"))
+    return SlurmOptions(**given)
+
+
 def cmd_table(args: argparse.Namespace, console: Console) -> int:
     from kdlab.tables import load_table, run_table, write_outputs
 
@@ -141,9 +156,36 @@ def cmd_table(args: argparse.Namespace, console: Console) -> int:
     seeds = list(range(args.seeds if args.seeds is not None else spec.seeds))
     if not seeds:
         raise KdlabError(f"--seeds must be at least 1, got {args.seeds}")
-    result = run_table(spec, seeds, args.overrides, console)
+    result = run_table(spec, seeds, args.overrides, console, _slurm_options(args))
     write_outputs(result, Path(args.out), console)
     return 1 if any(cell.error for cell in result.cells) else 0
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.launch import new_sweep, run_local, submit
+    from kdlab.sweeps import parse_grid, plan_cells, status_table, sweep_name, sweep_states, wait
+
+    options = _slurm_options(args)
+    planned = plan_cells(args.experiment, parse_grid(args.overrides))
+    cells, configs = [cell for cell, _ in planned], [config for _, config in planned]
+    name = args.name or sweep_name(args.experiment, args.overrides)
+    sweep = new_sweep(name, configs[0].runtime.runs_dir, args.launcher, cells)
+    if options is None:
+        run_local(sweep, configs, console)
+    else:
+        submit(sweep, configs, options, console)
+    states = wait(sweep, console) if options is not None and args.wait else sweep_states(sweep)
+    if options is None or not args.wait:
+        console.print(status_table(sweep, states))
+    return 1 if any(state.state == "failed" for state in states) else 0
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.sweeps import load_sweep, status_table, sweep_states
+
+    sweep = load_sweep(args.sweep, args.runs_dir)
+    console.print(status_table(sweep, sweep_states(sweep)))
+    return 0
 
 
 def cmd_teacher_report(args: argparse.Namespace, console: Console) -> int:
@@ -170,6 +212,24 @@ def cmd_cache(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+SLURM_FLAGS = ("partition", "gpus_per_node", "nodes", "time", "cpus_per_task")
+
+
+def _add_launcher_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=("local", "slurm"),
+        help="here, one cell after another (default),"
+        " or every cell as a task of one Slurm job array (submitit); finished cells are skipped",
+    )
+    parser.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each (default 0)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes per cell (default 1)")
+    parser.add_argument("--time", default=None, help="time limit per job, Slurm format (default 4:00:00)")
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's info messages")
@@ -190,7 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every cell")
     table.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the table's)")
     table.add_argument("--out", default="results", help="folder for the markdown, CSV, PNG and JSON")
+    _add_launcher_options(table)
     table.set_defaults(handler=cmd_table)
+
+    sweep = commands.add_parser("sweep", help="run the product of key=a,b,c overrides (Slurm job array or here)")
+    sweep.add_argument("experiment", help="a name from `kdlab list experiments`, or a path to a YAML file")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=a,b,c: the grid is the product of the values")
+    sweep.add_argument("--name", default=None, help="sweep name (default: experiment and a hash of the grid)")
+    sweep.add_argument("--wait", action="store_true", help="with slurm: wait for the jobs, showing the job table")
+    _add_launcher_options(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
+
+    status = commands.add_parser("status", help="each cell of a sweep: pending/running/done/failed, with its log")
+    status.add_argument("sweep", help="a sweep name (under <runs-dir>/sweeps/), its folder or its manifest.json")
+    status.add_argument("--runs-dir", default="runs", help="runtime.runs_dir of the sweep")
+    status.set_defaults(handler=cmd_status)
 
     report = commands.add_parser("teacher-report", help="accuracy, calibration and agreement of teacher runs")
     report.add_argument("runs", nargs="+", type=Path, help="teacher run folders (runs/teachers/<hash>)")

@@ -27,6 +27,7 @@ from kdlab.catalog import load_experiment, papers_dir, table_registry
 from kdlab.config import RuntimeConfig, load_yaml
 from kdlab.errors import ConfigError, KdlabError, unknown
 from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.launch import SlurmOptions, table_on_slurm
 from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
 from kdlab.plots import table_figure
 from kdlab.wandb_tables import cell_runtime, log_table
@@ -155,11 +156,25 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) 
 
 
 def run_table(
-    spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str] = (), console: Console | None = None
+    spec: TableSpec,
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    console: Console | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> TableResult:
+    """Plan every cell, then run it here, one after another, or (``slurm``) as a Slurm job array."""
     console = console or Console()
     started = time.perf_counter()
     planned = plan_table(spec, seeds, overrides)
+    if slurm is None:
+        _run_here(planned, console)
+    else:  # waits for the jobs, then fills in each cell's metrics, or its error line and log path
+        table_on_slurm(spec.name, planned, overrides, slurm, console)
+    cells, runtime = [c for c, _ in planned], planned[0][1].config.runtime if planned else None
+    return TableResult(spec, list(seeds), cells, time.perf_counter() - started, runtime=runtime)
+
+
+def _run_here(planned: list[tuple[Cell, Plan]], console: Console) -> None:
     for number, (cell, plan) in enumerate(planned, 1):
         console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
         teacher_row = cell.row.stage == "teacher"
@@ -171,8 +186,6 @@ def run_table(
         except Exception as error:  # noqa: BLE001 - one failed cell must not hide the others
             cell.error = f"{type(error).__name__}: {error}".splitlines()[0]
             console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
-    cells, runtime = [c for c, _ in planned], planned[0][1].config.runtime if planned else None
-    return TableResult(spec, list(seeds), cells, time.perf_counter() - started, runtime=runtime)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
