@@ -155,3 +155,12 @@ def config(records: Iterable[Record]) -> dict[str, Any]:
             for item in block.remove:
                 _remove(result, _key(item))
     return result
+
+
+def run_info(records: Iterable[Record]) -> dict[str, Any]:
+    """Name, group, job type and tags of the run, from its (first) run record."""
+    for record in records:
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type, "tags": list(run.tags)}
+    raise WandbFileError("no run record")
