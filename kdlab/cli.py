@@ -166,9 +166,9 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from kdlab.sweeps import parse_grid, plan_cells, status_table, sweep_name, sweep_states, wait
 
     options = _slurm_options(args)
-    planned = plan_cells(args.experiment, parse_grid(args.overrides))
-    cells, configs = [cell for cell, _ in planned], [config for _, config in planned]
     name = args.name or sweep_name(args.experiment, args.overrides)
+    planned = plan_cells(args.experiment, parse_grid(args.overrides), name)
+    cells, configs = [cell for cell, _ in planned], [config for _, config in planned]
     sweep = new_sweep(name, configs[0].runtime.runs_dir, args.launcher, cells)
     if options is None:
         run_local(sweep, configs, console)

@@ -29,6 +29,7 @@ from kdlab.errors import ConfigError, KdlabError
 from kdlab.files import atomic_write_json
 from kdlab.pipeline import plan_experiment
 from kdlab.runs import Run
+from kdlab.wandb_ablation import ablation_runtime, swept_values
 
 STATES = ("pending", "running", "done", "failed")
 # The scheduler's job states, as cell states; any other (PENDING, REQUEUED, ...) is pending.
@@ -118,14 +119,19 @@ class Sweep:
         atomic_write_json(self.manifest_path, {**record, "cells": [asdict(c) for c in self.cells]})
 
 
-def plan_cells(experiment: str, grid: list[list[str]]) -> list[tuple[SweepCell, ExperimentConfig]]:
-    """Plan (validate) every cell before anything is submitted: a bad key or value fails here."""
+def plan_cells(experiment: str, grid: list[list[str]], name: str) -> list[tuple[SweepCell, ExperimentConfig]]:
+    """Plan (validate) every cell before anything is submitted: a bad key or value fails here.
+    The cells of sweep ``name`` share a W&B group, with the swept keys as top-level config."""
     cells = []
     varying = {i for i in range(len(grid[0])) if len({cell[i] for cell in grid}) > 1}
     for overrides in grid:
         label = " ".join(o for i, o in enumerate(overrides) if i in varying)
+        swept = [o for i, o in enumerate(overrides) if i in varying]
         try:
             config = load_experiment(experiment, overrides)
+            config.runtime = ablation_runtime(
+                config.runtime, f"sweep/{name}", swept_values(swept), tags=[f"sweep:{name}"]
+            )
             plan = plan_experiment(config)
         except KdlabError as error:
             raise type(error)(f"sweep cell {label or ' '.join(overrides) or experiment}: {error}") from None

@@ -44,11 +44,11 @@ def test_bad_grids_are_one_line_errors(items: list[str], message: str) -> None:
 
 def test_an_unknown_key_or_value_fails_at_planning(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sweep cell studnet.train.epochs=1 runtime.runs_dir=.*studnet"):
-        plan_cells("mnist1d-kd", parse_grid(["studnet.train.epochs=1", f"runtime.runs_dir={tmp_path}"]))
+        plan_cells("mnist1d-kd", parse_grid(["studnet.train.epochs=1", f"runtime.runs_dir={tmp_path}"]), "t")
     with pytest.raises(ConfigError, match=r"sweep cell method.params.temprature=1: .*did you mean 'temperature'"):
-        plan_cells("mnist1d-kd", parse_grid(["method.params.temprature=1,2", f"runtime.runs_dir={tmp_path}"]))
+        plan_cells("mnist1d-kd", parse_grid(["method.params.temprature=1,2", f"runtime.runs_dir={tmp_path}"]), "t")
     with pytest.raises(KdlabError, match=r"sweep cell method.name=kdd: unknown method 'kdd'; did you mean 'kd'"):
-        plan_cells("mnist1d-kd", parse_grid(["method.name=kd,kdd", f"runtime.runs_dir={tmp_path}"]))
+        plan_cells("mnist1d-kd", parse_grid(["method.name=kd,kdd", f"runtime.runs_dir={tmp_path}"]), "t")
     assert not any(tmp_path.iterdir())  # nothing written, nothing submitted
 
 
@@ -94,3 +94,14 @@ def test_local_sweep_runs_each_cell_once_and_reports_failures(
     assert "1 done, 1 failed" in capsys.readouterr().out
     assert main([*command, "--name", "lr"]) == 1
     assert printed.count("cell 1/2") == 1 and "cell 1/2" not in capsys.readouterr().out  # done: skipped
+
+
+def test_sweep_cells_share_a_wandb_group_with_their_swept_keys(tmp_path: Path) -> None:
+    grid = parse_grid(["method.params.temperature=1,4", "seed=0,1", f"runtime.runs_dir={tmp_path}"])
+    planned = plan_cells("mnist1d-kd", grid, "temps")
+    assert len({cell.run_dir for cell, _ in planned}) == 4
+    for (_, config), overrides in zip(planned, grid, strict=True):
+        runtime = config.runtime
+        assert runtime.wandb_group == "sweep/temps" and "sweep:temps" in runtime.wandb_tags
+        temperature, seed = (float(o.split("=")[1]) for o in overrides[:2])
+        assert runtime.wandb_sweep == {"method.params.temperature": temperature, "seed": seed}
