@@ -171,14 +171,21 @@ class CallbackConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+STRATEGIES = ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp2")
+
+
 @dataclass
 class RuntimeConfig:
     """Where and how a run executes. Not part of the config hash: it changes no result beyond
-    floating-point summation order (thread count, device)."""
+    floating-point summation order (thread count, device, strategy, process count)."""
 
     runs_dir: str = "runs"
     accelerator: str = "auto"
-    devices: int = 1
+    # Processes per node and nodes (kdlab/distributed.py); None: the Slurm job step's under srun,
+    # else 1. ``data.batch_size`` is the global batch, split evenly over them.
+    devices: int | None = None
+    num_nodes: int | None = None
+    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3 | fsdp2
     threads: int | None = None
     # Deterministic kernels (cuDNN, cuBLAS, scatter): bit-exact resumes and repeats on GPUs too, at
     # some speed; CPU runs are deterministic either way.
@@ -193,6 +200,13 @@ class RuntimeConfig:
     wandb_sweep: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     log_every_n_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown runtime.strategy '{self.strategy}' (valid: {', '.join(STRATEGIES)})")
+        for name in ("devices", "num_nodes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"runtime.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

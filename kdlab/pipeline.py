@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab.config import ModelConfig, TeacherConfig, TrainConfig
+from kdlab.config import ModelConfig, RuntimeConfig, TeacherConfig, TrainConfig
+from kdlab.distributed import is_global_zero, rank_zero_decides, wait_for_rank_zero
 from kdlab.files import atomic_write_bytes, atomic_write_json
 from kdlab.loggers import log_summary
 from kdlab.methods import METHODS
@@ -63,10 +64,16 @@ __all__ = [
 ]
 
 
-def _execute(run: Run, label: str, work: Any) -> dict[str, Any]:
-    """Reuse a finished run, else run ``work`` under the run's lock with status bookkeeping."""
+def _execute(run: Run, label: str, work: Any, runtime: RuntimeConfig) -> dict[str, Any]:
+    """Reuse a finished run, else run ``work`` under the run's lock with status bookkeeping.
+    On several processes rank 0 alone locks and writes; the others train with it, then read."""
+    if not is_global_zero(runtime):
+        if not rank_zero_decides(run.is_finished()):
+            work()  # this rank's part of the collective training; its result is rank 0's to write
+            wait_for_rank_zero(run)
+        return run.metrics()
     with run.lock():
-        if run.is_finished():
+        if rank_zero_decides(run.is_finished()):
             print(f"[kdlab] {label}: reusing finished run {run.dir}")
             return run.metrics()
         run.prepare()
@@ -78,6 +85,7 @@ def _execute(run: Run, label: str, work: Any) -> dict[str, Any]:
             run.set_status("failed", error=f"{type(error).__name__}: {error}".splitlines()[0])
             raise
         run.finish(metrics)
+        wait_for_rank_zero(run)
         return metrics
 
 
@@ -144,6 +152,8 @@ def _ensure_model(plan: Plan, teacher: TeacherPlan, label: str) -> tuple[nn.Modu
                 f"{config.name}/{label}",
                 "teacher",
             )
+        if not is_global_zero(config.runtime):
+            return metrics
         metrics.update(calibrate(model, plan, run, recipe))
         metrics["params"] = count_parameters(model)
         metrics["model"] = recipe.model.name
@@ -159,7 +169,7 @@ def _ensure_model(plan: Plan, teacher: TeacherPlan, label: str) -> tuple[nn.Modu
         log_summary(loggers, metrics)
         return metrics
 
-    metrics = _execute(run, label, work)
+    metrics = _execute(run, label, work, config.runtime)
     load_model_weights(model, run.model_path)  # a reused run's weights; a fresh run's, unchanged
     return model, metrics
 
@@ -218,9 +228,11 @@ def run_init_stage(plan: Plan, teachers: list[nn.Module], temperatures: list[flo
     config, parent = plan.config, plan.student_run
     run = Run(parent.dir / "init", {**parent.spec, "stage": "student-init"})
     state_path = run.dir / "state.pt"
-    if not run.is_finished():
-        run.prepare()
-        run.set_status("running")
+    writer = is_global_zero(config.runtime)
+    if not rank_zero_decides(run.is_finished()):
+        if writer:
+            run.prepare()
+            run.set_status("running")
         system = build_student_system(plan, teachers, temperatures, stage="init")
         metrics, loggers = fit_and_test(
             system,
@@ -233,11 +245,13 @@ def run_init_stage(plan: Plan, teachers: list[nn.Module], temperatures: list[flo
             "student-init",
             test=False,
         )
-        buffer = io.BytesIO()
-        torch.save({"student": plan.student.state_dict(), "method": plan.method.state_dict()}, buffer)
-        atomic_write_bytes(state_path, buffer.getvalue())
-        log_summary(loggers, metrics)
-        run.finish(metrics)
+        if writer:
+            buffer = io.BytesIO()
+            torch.save({"student": plan.student.state_dict(), "method": plan.method.state_dict()}, buffer)
+            atomic_write_bytes(state_path, buffer.getvalue())
+            log_summary(loggers, metrics)
+            run.finish(metrics)
+        wait_for_rank_zero(run)
     state = check_checkpoint(state_path)
     plan.student.load_state_dict(state["student"])
     plan.method.load_state_dict(state["method"])
@@ -281,6 +295,8 @@ def ensure_student(
             label,
             callbacks=callbacks,
         )
+        if not is_global_zero(config.runtime):
+            return metrics
         metrics.update(system.final_metrics(plan.datamodule))
         exported = system.export_model()
         # Of the architecture: an int8 model keeps its weights in packed buffers, not parameters.
@@ -297,7 +313,7 @@ def ensure_student(
         log_summary(loggers, metrics)
         return metrics
 
-    return _execute(run, label, work)
+    return _execute(run, label, work, config.runtime)
 
 
 @dataclass

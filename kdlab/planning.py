@@ -28,6 +28,7 @@ from kdlab.config import (
 )
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.data.base import Batch
+from kdlab.distributed import check_runtime
 from kdlab.errors import ConfigError, KdlabError, did_you_mean
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.files import file_sha256
@@ -123,6 +124,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     scheme = SCHEMES.get(config.scheme)
     options = parse_options(config.scheme, config.scheme_params)
     wandb_mode(config.runtime.wandb)
+    check_runtime(config.runtime, config.data.batch_size)
     callbacks = _check_callbacks(config)
     method_cls = METHODS.get(config.method.name)
     weights = resolve_weights(method_cls, config.method.weights)

@@ -97,10 +97,18 @@ class Run:
         return self.last_checkpoint, int(check_checkpoint(self.last_checkpoint).get("epoch", 0))
 
 
+# A sharded checkpoint (FSDP2, DeepSpeed) is a folder of per-rank files; this one holds the
+# trainer's progress (epoch, loops), as Lightning's ModelParallelStrategy writes it.
+SHARDED_METADATA = "meta.pt"
+
+
 def check_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint on CPU or fail with one line naming the file and what is wrong."""
+    """Load a checkpoint on CPU (a sharded one's metadata) or fail with one line naming the file
+    and what is wrong."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        path = path / SHARDED_METADATA
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - every unpickling failure means "corrupt" to the user

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import warnings
@@ -14,6 +15,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from kdlab.callbacks import EpochSeed
 from kdlab.config import RuntimeConfig, TrainConfig
 from kdlab.data.base import ClassificationDataModule
+from kdlab.distributed import (
+    build_strategy,
+    devices_and_nodes,
+    full_state_dict,
+    is_global_zero,
+    strategy_name,
+    wraps_model,
+)
 from kdlab.loggers import make_loggers
 from kdlab.plots import training_curves
 from kdlab.runs import Run
@@ -22,6 +31,8 @@ from kdlab.runs import Run
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning 2.6's own use of a torch API that torch 2.9+ deprecates; nothing kdlab can change.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Evaluation metrics are torchmetrics objects that sync across ranks themselves before logging.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 def _attempt_number(run: Run) -> int:
@@ -42,13 +53,18 @@ def fit_and_test(
     test: bool = True,
     callbacks: list[Callback] | None = None,
 ) -> tuple[dict[str, Any], list[Any]]:
-    """Train (resuming from ``last.ckpt`` if present), then test; returns metrics and loggers."""
+    """Train (resuming from ``last.ckpt`` if present), then test; returns metrics and loggers.
+
+    On several processes every rank calls this; only rank 0 logs and writes files. Under a
+    strategy that shards or wraps the modules, a copy of ``system`` trains and the gathered full
+    state is loaded back into ``system`` on rank 0, so the caller's models stay plain modules."""
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     datamodule.use_augmentation(train.augment)
     resume = run.resumable_checkpoint()
     attempt = _attempt_number(run)
-    loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt)
+    writer = is_global_zero(runtime)
+    loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt) if writer else []
     callbacks = [
         *(callbacks or []),
         # No monitor and top-1: "last.ckpt" is rewritten (atomically) at the end of every epoch.
@@ -60,13 +76,20 @@ def fit_and_test(
     show_progress = runtime.progress and sys.stdout.isatty()  # a bar in a log file is just noise
     if show_progress:
         callbacks.append(RichProgressBar(leave=True))
+    devices, nodes = devices_and_nodes(runtime)
     trainer = L.Trainer(
         max_epochs=train.epochs,
         accelerator=runtime.accelerator,
-        devices=runtime.devices,
+        devices=devices,
+        num_nodes=nodes,
+        strategy=build_strategy(runtime),
+        # BatchNorm statistics over the global batch, as on one process (DDP; the sharding
+        # strategies keep per-rank statistics).
+        sync_batchnorm=strategy_name(runtime) == "ddp" and devices * nodes > 1,
+        use_distributed_sampler=False,  # the data module shards by rank itself (kdlab/data/base.py)
         precision=train.precision,  # type: ignore[arg-type]
         gradient_clip_val=train.gradient_clip_val,
-        logger=loggers,
+        logger=loggers or False,
         callbacks=callbacks,
         num_sanity_val_steps=0,
         limit_val_batches=None if datamodule.has_validation else 0,
@@ -77,17 +100,24 @@ def fit_and_test(
         deterministic=runtime.deterministic,
     )
     L.seed_everything(seed, workers=True, verbose=False)
+    trained = copy.deepcopy(system) if wraps_model(runtime) else system
     started = time.perf_counter()
-    trainer.fit(system, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
+    trainer.fit(trained, datamodule=datamodule, ckpt_path=str(resume[0]) if resume else None)
     train_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if not metrics and datamodule.has_validation:  # resumed after the last epoch: validation did not run
-        metrics = {k: float(v) for k, v in trainer.validate(system, datamodule=datamodule, verbose=False)[0].items()}
+        metrics = {k: float(v) for k, v in trainer.validate(trained, datamodule=datamodule, verbose=False)[0].items()}
     if test:
-        metrics.update({k: float(v) for k, v in trainer.test(system, datamodule=datamodule, verbose=False)[0].items()})
+        metrics.update({k: float(v) for k, v in trainer.test(trained, datamodule=datamodule, verbose=False)[0].items()})
+    datamodule.trainer = None  # detached: calibration and reports after training see whole splits
+    if trained is not system:
+        state = full_state_dict(trainer)  # collective: every rank takes part, rank 0 receives it
+        if writer:
+            system.load_state_dict(state)
     metrics["epochs"] = trainer.current_epoch
     metrics["train_seconds_this_attempt"] = round(train_seconds, 3)
     metrics["attempts"] = attempt
     metrics["resumed_from_epoch"] = resume[1] if resume else None
-    training_curves(sorted((run.dir / "logs").glob("attempt-*/metrics.csv")), run.dir / "curves.png", title=name)
+    if writer:
+        training_curves(sorted((run.dir / "logs").glob("attempt-*/metrics.csv")), run.dir / "curves.png", title=name)
     return metrics, loggers

@@ -69,26 +69,64 @@ class TransformedDataset(Dataset):
 
 
 class EpochShuffle(Sampler[int]):
-    """A random order that depends only on ``(seed, epoch)``.
+    """A random order that depends only on ``(seed, epoch)``; on ``world`` processes, rank ``r``'s
+    share of it (see :class:`RankShard`).
 
     Lightning calls ``set_epoch`` before each epoch, so a resumed run replays exactly the order an
     uninterrupted run would have drawn, whatever happened to the global random stream before.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self.shard = RankShard(rank, world)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.shard.length(self.size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(self.size, generator=generator).tolist()
+        yield from self.shard(torch.randperm(self.size, generator=generator).tolist())
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """Positions ``rank::world`` of an order, padded (from its start) to a multiple of ``world``
+    so every rank takes as many steps. With per-device batch ``B / world``, the ranks' batch ``k``
+    together are exactly the one-process batch ``k`` of size ``B``. (Lightning's own sampler
+    wrapper would re-shuffle the order, so kdlab shards itself.)"""
+
+    rank: int = 0
+    world: int = 1
+
+    def length(self, size: int) -> int:
+        return -(-size // self.world)
+
+    def __call__(self, order: list[int]) -> list[int]:
+        if self.world == 1:
+            return order
+        total = self.length(len(order)) * self.world
+        padded = order + order[: total - len(order)]
+        return padded[self.rank : total : self.world]
+
+
+class ShardedSequence(Sampler[int]):
+    """Rank ``r``'s share of ``0..size-1`` in order (evaluation on several processes; padding
+    repeats a few samples when ``size`` does not divide by ``world``)."""
+
+    def __init__(self, size: int, shard: RankShard) -> None:
+        self.size = size
+        self.shard = shard
+
+    def __len__(self) -> int:
+        return self.shard.length(self.size)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.shard(list(range(self.size)))
 
 
 class ClassificationDataModule(L.LightningDataModule, ABC):
@@ -174,15 +212,32 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         assert self.train_set is not None
-        return self._loader(self.train_set, self.batch_size, EpochShuffle(len(self.train_set), self.shuffle_seed))
+        shard = self.rank_shard()
+        if self.batch_size % shard.world:
+            raise ConfigError(f"data.batch_size={self.batch_size} does not divide over {shard.world} processes")
+        sampler = EpochShuffle(len(self.train_set), self.shuffle_seed, shard.rank, shard.world)
+        # ``batch_size`` is the global batch: each process loads its share.
+        return self._loader(self.train_set, self.batch_size // shard.world, sampler)
+
+    def rank_shard(self) -> RankShard:
+        """This process's share of the data while a trainer is attached (the trainer is told not
+        to add samplers of its own); everything outside training sees whole splits."""
+        trainer = self.trainer
+        return RankShard(trainer.global_rank, trainer.world_size) if trainer is not None else RankShard()
+
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
+        assert dataset is not None, "setup() has not built this split"
+        shard = self.rank_shard()
+        sampler = ShardedSequence(len(dataset), shard) if shard.world > 1 else None  # type: ignore[arg-type]
+        return self._loader(dataset, self.eval_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
-        return self._loader(self.val_set, self.eval_batch_size) if self.val_set is not None else []
+        return self._eval_loader(self.val_set) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.test_set, self.eval_batch_size)
+        return self._eval_loader(self.test_set)
 
     def augment_batch(self, batch: Batch) -> Batch:
         """Augment a whole training batch on its device; datasets that augment per sample (in

@@ -26,6 +26,7 @@ from kdlab.metrics import ClassificationMetrics
 from kdlab.mixing import BatchMixer, check_mixing
 from kdlab.optim import build_optimizer, build_scheduler
 from kdlab.sam import check_sam
+from kdlab.schemes.ensemble import TeacherEnsemble
 from kdlab.schemes.loss_log import LossLog
 from kdlab.schemes.teacher import FrozenTeacher
 
@@ -238,6 +239,30 @@ class DistillationScheme(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
+
+    # -- sharding ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Sharding. FSDP2 (``runtime.strategy=fsdp2``, Lightning's ModelParallelStrategy): each
+        frozen teacher is sharded on its own and gathered only for its forward
+        (``reshard_after_forward``), so a teacher larger than one device fits; then the student,
+        then the rest. ZeRO-3 partitions the whole system itself, teachers included."""
+        mesh = self.device_mesh
+        zero3 = getattr(self._trainer.strategy, "zero_stage_3", False) if self._trainer is not None else False
+        if (mesh is None and not zero3) or getattr(self, "_sharded", False):
+            return
+        self._sharded = True
+        for module in self.modules():
+            if isinstance(module, TeacherEnsemble):
+                module.unstack()  # stacked copies would be whole on every rank
+        if mesh is None:  # ZeRO-3 partitions every parameter, frozen or not, and gathers per module
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"]  # shard over data parallelism (a 2-D mesh would replicate)
+        for teacher in self.teachers:
+            fully_shard(teacher.model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(self.student, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
     # -- optimisation -----------------------------------------------------------------------------
     def scheme_parameters(self) -> Iterator[nn.Parameter]:

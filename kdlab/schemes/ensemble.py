@@ -143,6 +143,12 @@ class TeacherEnsemble(nn.Module):
             }
         )
 
+    def unstack(self) -> None:
+        """One plain call per teacher (under sharding: the stacked weights are plain tensors that
+        every rank would hold whole, and the teachers' own sharded forward gathers its weights)."""
+        self.stacked = nn.ModuleDict()
+        self.groups = [[index] for index in range(len(self.teachers))]
+
     def forward(self, inputs: torch.Tensor) -> list[ModelOutput]:
         outputs: list[ModelOutput | None] = [None] * len(self.teachers)
         for g, members in enumerate(self.groups):
