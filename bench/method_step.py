@@ -25,6 +25,7 @@ import lightning
 import torch
 from rich.console import Console
 from rich.table import Table
+from steps import one_step
 
 from kdlab.catalog import load_experiment
 from kdlab.methods import METHODS
@@ -41,16 +42,6 @@ def build(pair: str, method: str, batch: int, samples: int, runs_dir: str) -> Pl
         f"runtime.runs_dir={runs_dir}",
     ]
     return plan_experiment(load_experiment(pair, overrides))
-
-
-def one_step(system: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
-    started = time.perf_counter()
-    terms = system.loss_terms(batch)
-    loss = sum(system.term_weight(name) * term for name, term in terms.items())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - started
 
 
 def main() -> int:

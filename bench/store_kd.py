@@ -25,21 +25,12 @@ import lightning
 import torch
 from rich.console import Console
 from rich.table import Table
+from steps import one_step
 
 from kdlab.cache import SoftLabelStore, write_store
 from kdlab.catalog import load_experiment
 from kdlab.pipeline import build_student_system, plan_experiment
 from kdlab.schemes.teacher import StoreLookup
-
-
-def one_step(system: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
-    started = time.perf_counter()
-    terms = system.loss_terms(batch)
-    loss = sum(system.term_weight(name) * term for name, term in terms.items())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - started
 
 
 def write_stores(teacher: torch.nn.Module, inputs: torch.Tensor, classes: int, folder: Path) -> list[list[str]]:

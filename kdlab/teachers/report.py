@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -27,6 +26,7 @@ from kdlab.modelio import load_model_weights
 from kdlab.models import count_parameters, create_model
 from kdlab.plots import agreement_heatmap, table_figure
 from kdlab.teachers.calibration import collect_logits
+from kdlab.teachers.stored import read_teacher_run
 
 METRICS = ("top1", "nll", "ece", "mce", "brier")
 
@@ -40,18 +40,6 @@ class TeacherResult:
     before: dict[str, float]
     after: dict[str, float] | None
     logits: torch.Tensor
-
-
-def _spec(run: Path) -> dict[str, Any]:
-    config = run / "config.yaml"
-    if not config.exists():
-        raise ConfigError(f"{run} is not a kdlab run folder (no config.yaml)")
-    spec = yaml.safe_load(config.read_text())
-    if spec.get("stage") != "teacher":
-        raise ConfigError(f"{run} is a {spec.get('stage', 'unknown')} run, not a teacher run")
-    if not (run / "model.pt").exists():
-        raise ConfigError(f"teacher run {run} has not finished (no model.pt)")
-    return spec
 
 
 def _evaluate(run: Path, spec: dict[str, Any], data_root: str | None) -> tuple[TeacherResult, torch.Tensor]:
@@ -90,7 +78,7 @@ def teacher_report(
 ) -> list[Path]:
     """Evaluate the teacher runs on their (shared) test split and write the report."""
     console = console or Console()
-    specs = [_spec(run) for run in runs]
+    specs = [read_teacher_run(run) for run in runs]
     data = {json.dumps(spec["data"], sort_keys=True) for spec in specs}
     if len(data) > 1:
         raise ConfigError(f"the teacher runs were trained on different data; report them separately: {runs}")
