@@ -96,6 +96,7 @@ def _ensemble_label(teacher: Any) -> str:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from kdlab.catalog import load_experiment
     from kdlab.config import to_dict, to_yaml
+    from kdlab.distributed import is_global_zero
     from kdlab.pipeline import execute_plan, plan_experiment
 
     config = load_experiment(args.experiment, args.overrides)
@@ -112,6 +113,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"{label}: {run.dir} ({state})")
         return 0
     outcome = execute_plan(plan)
+    if not is_global_zero(config.runtime):  # every rank ran the plan; rank 0 alone reports it
+        return 0
     teachers = plan.teachers
     for label, run, metrics in (
         *(
