@@ -4,12 +4,14 @@ Importing the package registers every named callback (``CALLBACKS``), as ``kdlab
 for methods.
 """
 
+from kdlab.callbacks.checkpoint import AtomicCheckpoint
 from kdlab.callbacks.registry import CALLBACKS, create_callback, register_callback
 from kdlab.callbacks.seeding import EpochSeed
 from kdlab.callbacks.temperature import CurriculumTemperature, GlobalTemperature, TemperatureSchedule
 
 __all__ = [
     "CALLBACKS",
+    "AtomicCheckpoint",
     "CurriculumTemperature",
     "EpochSeed",
     "GlobalTemperature",

@@ -34,7 +34,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ import torch
 
 from kdlab.config import config_hash
 from kdlab.errors import ConfigError
-from kdlab.files import atomic_write_json, file_sha256
+from kdlab.files import atomic_write_json, file_sha256, replace_folder
 
 STORE_FORMAT = "kdlab-store/1"
 MANIFEST = "manifest.json"
@@ -198,23 +197,12 @@ class StoreWriter:
             "files": files,
         }
         atomic_write_json(self.tmp / MANIFEST, manifest)
-        _replace_folder(self.tmp, self.path)
+        replace_folder(self.tmp, self.path)
         return manifest
 
     def abort(self) -> None:
         self.arrays.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_store(

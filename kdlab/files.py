@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Rename folder ``source`` to ``target``; an existing ``target`` is first moved aside (to
+    ``.<name>.old-*``) and deleted after. A crash in between leaves that copy for
+    :func:`restore_replaced_folder`, never a half-written ``target``."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_replaced_folder(target: Path) -> None:
+    """Put back the copy :func:`replace_folder` moved aside if a crash kept its successor from
+    arriving (several processes may race here: the first rename wins)."""
+    if target.exists():
+        return
+    for old in sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            os.replace(old, target)
+            return
+        except FileNotFoundError:
+            continue
 
 
 def cache_dir() -> Path:

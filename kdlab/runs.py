@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from kdlab.config import config_hash, to_yaml
 from kdlab.errors import CheckpointError
-from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.files import atomic_write_json, atomic_write_text, restore_replaced_folder
 
 TEACHER_GROUP = "teachers"
 
@@ -92,6 +92,7 @@ class Run:
 
     def resumable_checkpoint(self) -> tuple[Path, int] | None:
         """The last checkpoint to resume from and its epoch, checked readable (else CheckpointError)."""
+        restore_replaced_folder(self.last_checkpoint)  # a kill mid-swap of a sharded checkpoint
         if not self.last_checkpoint.exists():
             return None
         return self.last_checkpoint, int(check_checkpoint(self.last_checkpoint).get("epoch", 0))

@@ -10,9 +10,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-from kdlab.callbacks import EpochSeed
+from kdlab.callbacks import AtomicCheckpoint, EpochSeed
 from kdlab.config import RuntimeConfig, TrainConfig
 from kdlab.data.base import ClassificationDataModule
 from kdlab.distributed import (
@@ -67,8 +67,8 @@ def fit_and_test(
     loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt) if writer else []
     callbacks = [
         *(callbacks or []),
-        # No monitor and top-1: "last.ckpt" is rewritten (atomically) at the end of every epoch.
-        ModelCheckpoint(
+        # No monitor and top-1: "last.ckpt" is rewritten (atomically, sharded ones too) every epoch.
+        AtomicCheckpoint(
             dirpath=run.checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
         ),
         EpochSeed(seed),
