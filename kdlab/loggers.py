@@ -86,7 +86,7 @@ def make_loggers(
             resume="allow",
             mode=mode,
             config=wandb_config(config, runtime.wandb_sweep),
-            settings=wandb.Settings(quiet=True, console="off", init_timeout=30, disable_git=True),
+            settings=wandb.Settings(quiet=True, silent=True, console="off", init_timeout=30, disable_git=True),
         )
         loggers.append(GuardedWandbLogger(experiment=experiment))
     except Exception as error:  # noqa: BLE001 - W&B is optional; the run goes on without it

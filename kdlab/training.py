@@ -29,6 +29,9 @@ from kdlab.runs import Run
 
 # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning probes for Slurm (even when resolving a checkpoint path) and then hints at srun on any
+# machine that has it installed; kdlab reads srun job steps itself (kdlab.distributed.under_srun).
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 # Lightning 2.6's own use of a torch API that torch 2.9+ deprecates; nothing kdlab can change.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # Evaluation metrics are torchmetrics objects that sync across ranks themselves before logging.

@@ -74,7 +74,7 @@ def log_table(
             mode=mode,
             reinit="create_new",  # a failed cell's unfinished run is left alone
             config={"table": spec.name, "title": spec.title, "seeds": result.seeds, "columns": list(spec.columns)},
-            settings=wandb.Settings(quiet=True, console="off", init_timeout=30, disable_git=True),
+            settings=wandb.Settings(quiet=True, silent=True, console="off", init_timeout=30, disable_git=True),
         ) as run:
             run.log(
                 {
