@@ -48,7 +48,6 @@ from kdlab.teachers.ensemble import ENSEMBLE_SEED_OFFSET, DeepEnsemble
 TEACHER_SEED_OFFSET = 1_000_003
 # Online peers (and other student-architecture models a scheme adds) draw from their own streams.
 PEER_SEED_OFFSET = 2_000_003
-PAIRED_TEACHER_INPUT = "teacher_input"
 
 
 @dataclass
@@ -112,7 +111,7 @@ class Plan:
     @property
     def teacher_input_key(self) -> str:
         """Paired (cross-modal) data gives teachers their own modality."""
-        return PAIRED_TEACHER_INPUT if is_paired(self.datamodule) else "input"
+        return self.datamodule.teacher_input_key
 
 
 def is_paired(datamodule: ClassificationDataModule) -> bool:
@@ -379,7 +378,7 @@ def example_batch(datamodule: ClassificationDataModule, size: int = 2) -> Batch:
         "index": torch.arange(size),
     }
     if is_paired(datamodule):
-        batch[PAIRED_TEACHER_INPUT] = torch.zeros(size, *datamodule.teacher_input_shape)  # type: ignore[attr-defined]
+        batch[datamodule.teacher_input_key] = torch.zeros(size, *datamodule.teacher_input_shape)  # type: ignore[attr-defined]
         batch["labelled"] = torch.ones(size, dtype=torch.bool)
     return batch  # type: ignore[return-value]
 

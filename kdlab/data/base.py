@@ -137,6 +137,8 @@ class ClassificationDataModule(L.LightningDataModule, ABC):
     # Options (``data.kwargs``) that change only what the student sees, never a teacher's training:
     # teachers are shared across them.
     student_only_options: tuple[str, ...] = ()
+    # The batch key of what teachers see: paired (cross-modal) data gives them their own modality.
+    teacher_input_key: str = "input"
 
     def __init__(
         self,

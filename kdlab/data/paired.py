@@ -93,6 +93,7 @@ class PairedDataModule(ClassificationDataModule):
     """A data module whose ``build_datasets`` yields ``(Views, y)`` samples; adds the paired keys."""
 
     teacher_input_shape: tuple[int, ...]
+    teacher_input_key = "teacher_input"
     student_only_options = ("student_labels",)  # teachers always train on every label
 
     def __init__(self, *, student_labels: float = 0.0, **common: Any) -> None:

@@ -47,7 +47,7 @@ def _evaluate(run: Path, spec: dict[str, Any], data_root: str | None) -> tuple[T
     kwargs = {"num_classes": datamodule.num_classes, **spec["model"]["kwargs"]}
     model = create_model(spec["model"]["name"], **kwargs)
     load_model_weights(model, run / "model.pt")
-    key = "teacher_input" if getattr(datamodule, "teacher_input_shape", None) is not None else "input"
+    key = datamodule.teacher_input_key
     logits, targets = collect_logits(model, datamodule.test_dataloader(), "cpu", key)
     calibration = run / "calibration.json"
     report = json.loads(calibration.read_text()) if calibration.exists() else {}

@@ -28,7 +28,6 @@ from kdlab.models import create_model
 
 # What decides the training samples and their order; batch sizes and workers do not.
 STORE_DATA_KEYS = ("name", "kwargs", "val_fraction", "split_seed", "augment")
-TEACHER_INPUT = "teacher_input"  # paired (cross-modal) data: the teacher's own modality
 
 
 def store_data_spec(data: DataConfig) -> dict[str, Any]:
@@ -46,10 +45,6 @@ def check_deterministic(datamodule: ClassificationDataModule, data: DataConfig) 
             f" draws a new random view of each '{data.name}' sample every epoch (one stored teacher output per"
             " sample would then be wrong); set data.augment=false, or use teacher.source=model"
         )
-
-
-def input_key(datamodule: ClassificationDataModule) -> str:
-    return TEACHER_INPUT if getattr(datamodule, "teacher_input_shape", None) is not None else "input"
 
 
 def read_teacher_run(run_dir: Path) -> dict[str, Any]:
@@ -112,7 +107,7 @@ def cache_teacher_run(
     model = create_model(spec["model"]["name"], **{"num_classes": datamodule.num_classes, **spec["model"]["kwargs"]})
     load_model_weights(model, run_dir / "model.pt")
     model.eval().to(device)
-    key = input_key(datamodule)
+    key = datamodule.teacher_input_key
     data_spec = store_data_spec(data)
     path = Path(out) if out is not None else default_store_path(run_dir.parent.parent, run_dir.name, data_spec, top_k)
 
