@@ -22,11 +22,10 @@ from kdlab.data import create_datamodule
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_text
 from kdlab.metrics import evaluate_logits
-from kdlab.modelio import load_model_weights
-from kdlab.models import count_parameters, create_model
+from kdlab.models import count_parameters
 from kdlab.plots import agreement_heatmap, table_figure
 from kdlab.teachers.calibration import collect_logits
-from kdlab.teachers.stored import read_teacher_run
+from kdlab.teachers.stored import load_teacher_model, read_teacher_run
 
 METRICS = ("top1", "nll", "ece", "mce", "brier")
 
@@ -44,9 +43,7 @@ class TeacherResult:
 
 def _evaluate(run: Path, spec: dict[str, Any], data_root: str | None) -> tuple[TeacherResult, torch.Tensor]:
     datamodule = create_datamodule(DataConfig(**{**spec["data"], "root": data_root}), spec["seed"])
-    kwargs = {"num_classes": datamodule.num_classes, **spec["model"]["kwargs"]}
-    model = create_model(spec["model"]["name"], **kwargs)
-    load_model_weights(model, run / "model.pt")
+    model = load_teacher_model(run, spec, datamodule.num_classes)
     key = datamodule.teacher_input_key
     logits, targets = collect_logits(model, datamodule.test_dataloader(), "cpu", key)
     calibration = run / "calibration.json"

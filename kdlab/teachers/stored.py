@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from rich.progress import track
+from torch import nn
 
 from kdlab.cache import SoftLabelStore, default_store_path, write_store
 from kdlab.config import DataConfig, spec_dict
@@ -62,6 +65,13 @@ def read_teacher_run(run_dir: Path) -> dict[str, Any]:
     return spec
 
 
+def load_teacher_model(run_dir: Path, spec: dict[str, Any], num_classes: int) -> nn.Module:
+    """A finished teacher run's model, built from its spec and loaded from its ``model.pt``."""
+    model = create_model(spec["model"]["name"], **{"num_classes": num_classes, **spec["model"]["kwargs"]})
+    load_model_weights(model, run_dir / "model.pt")
+    return model
+
+
 def cache_data_config(
     spec: dict[str, Any], dataset: str | None, overrides: list[str], data_root: str | None
 ) -> DataConfig:
@@ -96,17 +106,13 @@ def cache_teacher_run(
     device: str = "cpu",
 ) -> tuple[Path, dict[str, Any]]:
     """Run a finished teacher once over the training split and write its outputs as a store."""
-    import torch
-
     run_dir = Path(run_dir).resolve()
     spec = read_teacher_run(run_dir)
     data = cache_data_config(spec, dataset, list(overrides), data_root)
     datamodule = create_datamodule(data, spec["seed"])
     check_deterministic(datamodule, data)
     datamodule.setup()
-    model = create_model(spec["model"]["name"], **{"num_classes": datamodule.num_classes, **spec["model"]["kwargs"]})
-    load_model_weights(model, run_dir / "model.pt")
-    model.eval().to(device)
+    model = load_teacher_model(run_dir, spec, datamodule.num_classes).eval().to(device)
     key = datamodule.teacher_input_key
     data_spec = store_data_spec(data)
     path = Path(out) if out is not None else default_store_path(run_dir.parent.parent, run_dir.name, data_spec, top_k)
@@ -114,7 +120,8 @@ def cache_teacher_run(
     def batches() -> Any:
         expected = 0
         with torch.no_grad():
-            for batch in datamodule.ordered_train_dataloader():
+            # The teacher's forward over the whole split: minutes for a CIFAR-size teacher on a CPU.
+            for batch in track(datamodule.ordered_train_dataloader(), description="teacher outputs"):
                 index = batch["index"]
                 if not torch.equal(index, torch.arange(expected, expected + len(index))):
                     raise RuntimeError("the ordered training loader is out of index order")
