@@ -3,16 +3,21 @@
 One YAML per paper: citation (``key``, ``title``, ``authors``, ``venue``, ``year``, ``arxiv``), the
 flat ``numbers: {metric: {key: value}}`` map that ``kdlab table`` reads, and ``tables:``, several
 published tables, each with its ``source`` (which repository file or paper table the numbers were
-transcribed from), its ``protocol``, its ``pairs`` (teacher/student, keyed like kdlab's ``crd-<pair>``
-experiments) and ``results`` (method -> pair -> number). Numbers a table lacks are listed under its
-``missing:`` with the reason. Every error is one line naming the file and the key.
+transcribed from), its ``protocol``, ``accuracy_at`` (``best_epoch`` or ``last_epoch``: how the paper
+read its accuracy), its ``pairs`` (the columns: a student and, for distillation, its teacher) and
+``results`` (row -> pair -> number). A row is named as the paper names it (``teacher``, ``student``,
+a method such as ``kd``, or a scheme such as ``dml``); which kdlab run produces it is the business of
+the table YAML that reproduces it (``experiments/tables/``), which is checked against these rows.
+Numbers a table lacks are listed under its ``missing:`` with the reason. Every error is one line
+naming the file and the key.
 
 (This module is not ``kdlab/papers.py``: that name is the ``kdlab.papers`` package, the YAML folder.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,25 +29,29 @@ from kdlab.errors import ConfigError, did_you_mean, unknown
 # Rows that are not distillation methods: the teacher and the student trained alone.
 BASELINE_ROWS = ("teacher", "student")
 REQUIRED_PAPER_KEYS = ("key", "title", "authors", "venue", "year", "arxiv", "numbers")
-REQUIRED_TABLE_KEYS = ("title", "source", "protocol", "metric", "pairs", "results")
+REQUIRED_TABLE_KEYS = ("title", "source", "protocol", "accuracy_at", "metric", "pairs", "results")
+ACCURACY_AT = ("best_epoch", "last_epoch")
+_ROW_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class Missing:
-    """Numbers a table does not give: one method, on some pairs (empty: all pairs), and why."""
+    """Numbers a table does not give: one row, on some pairs (empty: all pairs), and why."""
 
-    method: str
+    row: str
     reason: str
     pairs: tuple[str, ...] = ()
 
-    def covers(self, method: str, pair: str) -> bool:
-        return self.method == method and (not self.pairs or pair in self.pairs)
+    def covers(self, row: str, pair: str) -> bool:
+        return self.row == row and (not self.pairs or pair in self.pairs)
 
 
 @dataclass(frozen=True)
 class Pair:
-    teacher: str
+    """One column of a published table: the student and (None for schemes without one) its teacher."""
+
     student: str
+    teacher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,17 +60,22 @@ class PaperTable:
     title: str
     source: str
     protocol: dict[str, Any]
+    accuracy_at: str
     metric: str
     pairs: dict[str, Pair]
     results: dict[str, dict[str, float]]
     missing: tuple[Missing, ...] = ()
     notes: str = ""
 
-    def value(self, method: str, pair: str) -> float | None:
-        return self.results.get(method, {}).get(pair)
+    def value(self, row: str, pair: str) -> float | None:
+        return self.results.get(row, {}).get(pair)
 
-    def is_missing(self, method: str, pair: str) -> bool:
-        return any(m.covers(method, pair) for m in self.missing)
+    def is_missing(self, row: str, pair: str) -> bool:
+        return any(m.covers(row, pair) for m in self.missing)
+
+    def cells(self) -> list[tuple[str, str, float]]:
+        """Every published number as (row, pair, value), in the file's order."""
+        return [(row, pair, value) for row, values in self.results.items() for pair, value in values.items()]
 
 
 @dataclass(frozen=True)
@@ -76,13 +90,6 @@ class Paper:
     numbers: dict[str, dict[str, float]] = field(default_factory=dict)
     tables: dict[str, PaperTable] = field(default_factory=dict)
     missing: str = ""
-
-
-def method_names() -> list[str]:
-    """The row names a table may use: kdlab's registered methods plus ``teacher`` and ``student``."""
-    from kdlab.methods import METHODS
-
-    return sorted(set(METHODS.names()) | set(BASELINE_ROWS))
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -107,35 +114,31 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _method(name: str, where: str, methods: Iterable[str]) -> str:
-    methods = list(methods)
-    if name not in methods:
-        hint = did_you_mean(name, methods)
-        raise _fail(
-            where, f"unknown method '{name}'" + (f"; {hint}" if hint else "") + f" (valid: {', '.join(methods)})"
-        )
+def _row(name: str, where: str) -> str:
+    if not _ROW_NAME.match(name):
+        raise _fail(where, f"row name '{name}' must be lower-case letters, digits and '_' (kd, crd_kd, teacher)")
     return name
 
 
-def _missing(raw: Any, where: str, pairs: Mapping[str, Pair], methods: list[str]) -> tuple[Missing, ...]:
+def _missing(raw: Any, where: str, pairs: Mapping[str, Pair]) -> tuple[Missing, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise _fail(where, "expected a list of {method, reason, pairs?}")
+        raise _fail(where, "expected a list of {row, reason, pairs?}")
     out = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
         entry = _mapping(entry, at)
-        method = _method(_text(entry.get("method"), f"{at}.method"), f"{at}.method", methods)
+        row = _row(_text(entry.get("row"), f"{at}.row"), f"{at}.row")
         entry_pairs = tuple(entry.get("pairs") or ())
         for pair in entry_pairs:
             if pair not in pairs:
                 raise unknown(f"pair of {at}.pairs", pair, pairs)
-        out.append(Missing(method, _text(entry.get("reason"), f"{at}.reason"), entry_pairs))
+        out.append(Missing(row, _text(entry.get("reason"), f"{at}.reason"), entry_pairs))
     return tuple(out)
 
 
-def _table(name: str, raw: Any, where: str, methods: list[str]) -> PaperTable:
+def _table(name: str, raw: Any, where: str) -> PaperTable:
     raw = _mapping(raw, where)
     for key in REQUIRED_TABLE_KEYS:
         if key not in raw or raw[key] in (None, "", {}):
@@ -146,29 +149,34 @@ def _table(name: str, raw: Any, where: str, methods: list[str]) -> PaperTable:
     pairs = {}
     for pair, spec in _mapping(raw["pairs"], f"{where}.pairs").items():
         spec = _mapping(spec, f"{where}.pairs.{pair}")
+        teacher = spec.get("teacher")
         pairs[pair] = Pair(
-            _text(spec.get("teacher"), f"{where}.pairs.{pair}.teacher"),
             _text(spec.get("student"), f"{where}.pairs.{pair}.student"),
+            None if teacher is None else _text(teacher, f"{where}.pairs.{pair}.teacher"),
         )
+    accuracy_at = raw["accuracy_at"]
+    if accuracy_at not in ACCURACY_AT:
+        raise unknown(f"{where}.accuracy_at", str(accuracy_at), ACCURACY_AT)
     results: dict[str, dict[str, float]] = {}
-    for method, row in _mapping(raw["results"], f"{where}.results").items():
-        at = f"{where}.results.{method}"
-        _method(method, at, methods)
-        results[method] = {}
-        for pair, value in _mapping(row, at).items():
+    for row, values in _mapping(raw["results"], f"{where}.results").items():
+        at = f"{where}.results.{row}"
+        _row(row, at)
+        results[row] = {}
+        for pair, value in _mapping(values, at).items():
             if pair not in pairs:
                 hint = did_you_mean(pair, pairs)
                 raise _fail(f"{at}.{pair}", "pair not listed under 'pairs'" + (f"; {hint}" if hint else ""))
-            results[method][pair] = _number(value, f"{at}.{pair}")
+            results[row][pair] = _number(value, f"{at}.{pair}")
     return PaperTable(
         name=name,
         title=_text(raw["title"], f"{where}.title"),
         source=_text(raw["source"], f"{where}.source"),
         protocol=protocol,
+        accuracy_at=accuracy_at,
         metric=_text(raw["metric"], f"{where}.metric"),
         pairs=pairs,
         results=results,
-        missing=_missing(raw.get("missing"), f"{where}.missing", pairs, methods),
+        missing=_missing(raw.get("missing"), f"{where}.missing", pairs),
         notes=str(raw.get("notes", "")).strip(),
     )
 
@@ -196,9 +204,8 @@ def load_paper_file(path: Path) -> Paper:
         numbers[metric] = {
             str(k): _number(v, f"{where}: numbers.{metric}.{k}") for k, v in _mapping(row, f"numbers.{metric}").items()
         }
-    methods = method_names()
     tables = {
-        name: _table(name, raw, f"{where}: tables.{name}", methods)
+        name: _table(name, raw, f"{where}: tables.{name}")
         for name, raw in _mapping(data.get("tables") or {}, f"{where}: tables").items()
     }
     if not tables and not numbers and not str(data.get("missing", "")).strip():
