@@ -4,6 +4,7 @@ Importing the package registers every named callback (``CALLBACKS``), as ``kdlab
 for methods.
 """
 
+from kdlab.callbacks.best_epoch import BestEpochTest
 from kdlab.callbacks.checkpoint import AtomicCheckpoint
 from kdlab.callbacks.registry import CALLBACKS, create_callback, register_callback
 from kdlab.callbacks.seeding import EpochSeed
@@ -12,6 +13,7 @@ from kdlab.callbacks.temperature import CurriculumTemperature, GlobalTemperature
 __all__ = [
     "CALLBACKS",
     "AtomicCheckpoint",
+    "BestEpochTest",
     "CurriculumTemperature",
     "EpochSeed",
     "GlobalTemperature",

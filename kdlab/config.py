@@ -100,6 +100,9 @@ class TrainConfig:
     # This model's training augmentation, over ``data.augment`` (None: that). E.g. a teacher
     # trained with augmentation, its student distilled from a soft-label store without.
     augment: bool | None = field(default=None, metadata=ADDED_OPTION)
+    # Score the test split after every epoch and report the best (test/top1_best), the way the
+    # CRD and DKD tables were read; test/top1 stays the last epoch's.
+    test_every_epoch: bool = field(default=False, metadata=ADDED_OPTION)
 
 
 @dataclass

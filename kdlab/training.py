@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-from kdlab.callbacks import AtomicCheckpoint, EpochSeed
+from kdlab.callbacks import AtomicCheckpoint, BestEpochTest, EpochSeed
 from kdlab.config import RuntimeConfig, TrainConfig
 from kdlab.data.base import ClassificationDataModule
 from kdlab.distributed import (
@@ -76,6 +76,9 @@ def fit_and_test(
         ),
         EpochSeed(seed),
     ]
+    best_epoch = BestEpochTest() if train.test_every_epoch and test else None
+    if best_epoch is not None:
+        callbacks.append(best_epoch)
     show_progress = runtime.progress and sys.stdout.isatty()  # a bar in a log file is just noise
     if show_progress:
         callbacks.append(RichProgressBar(leave=True))
@@ -110,6 +113,8 @@ def fit_and_test(
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if not metrics and datamodule.has_validation:  # resumed after the last epoch: validation did not run
         metrics = {k: float(v) for k, v in trainer.validate(trained, datamodule=datamodule, verbose=False)[0].items()}
+    if best_epoch is not None:
+        metrics.update(best_epoch.final_metrics())
     if test:
         metrics.update({k: float(v) for k, v in trainer.test(trained, datamodule=datamodule, verbose=False)[0].items()})
     datamodule.trainer = None  # detached: calibration and reports after training see whole splits

@@ -55,17 +55,43 @@ class MNIST1DMLP(nn.Module):
         return self.fc(self.layer2(self.layer1(x.flatten(1))))
 
 
+class ResidualConvBlock(nn.Module):
+    """``relu(h + conv(h))``: a stride-1 block that deepens a stage without changing its shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.relu(h + self.conv(h))
+
+
 class MNIST1DCNN(nn.Module):
-    """Three strided 1-D convolutions (25 channels) and a linear read-out, as in the paper."""
+    """Three strided 1-D convolutions (25 channels) and a linear read-out, as in the paper.
+
+    ``blocks`` > 1 deepens each stage with residual stride-1 blocks (as ResNet-110 deepens
+    ResNet-20's three stages), for deep -> shallow pairs; ``blocks=1`` is the paper's CNN."""
 
     feature_taps = ("layer1", "layer2", "layer3", "flatten")
-    preact_taps = ("layer1.1:input", "layer2.1:input", "layer3.1:input")
 
-    def __init__(self, num_classes: int = 10, channels: int = 25, signal_length: int = SIGNAL_LENGTH) -> None:
+    def __init__(
+        self, num_classes: int = 10, channels: int = 25, signal_length: int = SIGNAL_LENGTH, blocks: int = 1
+    ) -> None:
         super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+        if blocks < 1:
+            raise ValueError(f"blocks must be at least 1, got {blocks}")
+
+        def stage(in_channels: int, kernel: int) -> nn.Sequential:
+            deeper = [ResidualConvBlock(channels) for _ in range(blocks - 1)]
+            return nn.Sequential(nn.Conv1d(in_channels, channels, kernel, stride=2, padding=1), nn.ReLU(), *deeper)
+
+        self.layer1 = stage(1, 5)
+        self.layer2 = stage(channels, 3)
+        self.layer3 = stage(channels, 3)
+        # Each stage's output before its last ReLU (AB and OFD match pre-activations).
+        last = "1" if blocks == 1 else f"{blocks}.relu"
+        self.preact_taps = tuple(f"layer{i}.{last}:input" for i in (1, 2, 3))
         self.flatten = nn.Flatten()
         length = signal_length
         for kernel in (5, 3, 3):
@@ -104,8 +130,8 @@ def mnist1d_mlp(num_classes: int = 10, hidden: int = 100) -> nn.Module:
 
 
 @register_model("mnist1d_cnn", "mnist1d_cnn", "MNIST-1D CNN, 3 conv1d x 25 channels (paper: 94%)", "signal")
-def mnist1d_cnn(num_classes: int = 10, channels: int = 25) -> nn.Module:
-    return MNIST1DCNN(num_classes, channels)
+def mnist1d_cnn(num_classes: int = 10, channels: int = 25, blocks: int = 1) -> nn.Module:
+    return MNIST1DCNN(num_classes, channels, blocks=blocks)
 
 
 @register_model("mnist1d_gru", "mnist1d_gru", "MNIST-1D bidirectional GRU, 6 units (paper: 91%)", "signal")
