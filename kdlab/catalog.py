@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import ExperimentConfig, build_config, load_yaml
+from kdlab.config import ExperimentConfig, MethodConfig, build_config, load_yaml
 from kdlab.errors import ConfigError
 from kdlab.registry import Registry
 
@@ -98,13 +98,22 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentC
     """
     layers = experiment_layers(name_or_path)
     config = build_config(layers, list(overrides))
-    if config.method.name != build_config(layers).method.name:
+    if config.method.name != _yaml_method_name(layers):
         layers = [(source, _without_method_options(layer)) for source, layer in layers]
     preset = config.method_presets.get(config.method.name)
     if preset is not None:
         fields = {"params": preset.params, "weights": preset.weights}
         layers.append((f"method_presets.{config.method.name}", {"method": {k: v for k, v in fields.items() if v}}))
     return build_config(layers, list(overrides))
+
+
+def _yaml_method_name(layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """The method the experiment's YAML files choose (the last layer that names one)."""
+    for _, layer in reversed(layers):
+        method = layer.get("method")
+        if isinstance(method, dict) and "name" in method:
+            return str(method["name"])
+    return MethodConfig().name
 
 
 def _without_method_options(layer: dict[str, Any]) -> dict[str, Any]:

@@ -153,13 +153,30 @@ def _slurm_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_table(args: argparse.Namespace, console: Console) -> int:
-    from kdlab.tables import load_table, run_table, write_outputs
+    from kdlab.grid_run import run_grid_table
+    from kdlab.paper_tables import GridSpec
+    from kdlab.tables import find_table, plan_table, run_table, write_outputs
 
-    spec = load_table(args.name)
+    spec = find_table(args.name, args.scale)
     seeds = list(range(args.seeds if args.seeds is not None else spec.seeds))
     if not seeds:
         raise KdlabError(f"--seeds must be at least 1, got {args.seeds}")
-    result = run_table(spec, seeds, args.overrides, console, _slurm_options(args))
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    slurm = _slurm_options(args)
+    if isinstance(spec, GridSpec):
+        files = run_grid_table(
+            spec, seeds, args.overrides, Path(args.out), console, slurm, only, args.dry_run, args.collect
+        )
+        return 0 if files else 1
+    if args.collect:
+        raise KdlabError(f"--collect applies to paper (grid) tables; '{spec.name}' is a row table")
+    if args.dry_run:
+        for cell, plan in plan_table(spec, seeds, args.overrides, only):
+            run = plan.teacher_run if cell.row.stage == "teacher" else plan.student_run
+            state = "done" if run and run.is_finished() else run.status()["state"] if run else "?"
+            console.print(f"{cell.row.label}, seed {cell.seed}: {cell.row.experiment} {cell.row.overrides} -> {state}")
+        return 0
+    result = run_table(spec, seeds, args.overrides, console, slurm, only)
     write_outputs(result, Path(args.out), console)
     return 1 if any(cell.error for cell in result.cells) else 0
 
@@ -249,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     table = commands.add_parser("table", help="run or reuse every cell of a table and render it")
-    table.add_argument("name", help="a name from `kdlab list tables`")
+    table.add_argument("name", help="a name from `kdlab list tables`, or a paper key with --scale (crd)")
     table.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every cell")
     table.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the table's)")
     table.add_argument("--out", default="results", help="folder for the markdown, CSV, PNG and JSON")
+    table.add_argument("--scale", choices=("mini", "full"), default=None, help="a paper's MNIST-1D or full table")
+    table.add_argument("--only", default=None, help="comma-separated rows/methods to run, e.g. kd,crd,teacher")
+    table.add_argument("--dry-run", action="store_true", help="list every cell, its config and run; train nothing")
+    table.add_argument("--collect", action="store_true", help="render the finished cells only; train nothing")
     _add_launcher_options(table)
     table.set_defaults(handler=cmd_table)
 

@@ -6,6 +6,8 @@ its default. OmegaConf validates and merges; this module turns its errors into o
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import hashlib
 import json
@@ -248,27 +250,46 @@ def _one_line(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad {where}: {first}")
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The typed defaults, built once (OmegaConf.merge copies its inputs, so it is never mutated)."""
+    return OmegaConf.structured(ExperimentConfig)
+
+
 def build_config(layers: list[tuple[str, dict[str, Any]]], overrides: list[str] = ()) -> ExperimentConfig:
-    """Merge YAML layers (lowest first, each with a name for errors) and dotted overrides."""
-    merged: DictConfig = OmegaConf.structured(ExperimentConfig)
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
-        except OmegaConfBaseException as error:
-            raise _one_line(error, source) from None
+    """Merge YAML layers (lowest first, each with a name for errors) and dotted overrides.
+
+    All at once first (one merge is several times faster than one per layer, which matters to a
+    table planning hundreds of cells); only when that fails, layer by layer, to name the culprit."""
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"bad override '{override}': expected dotted.key=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-        except OmegaConfBaseException as error:
-            raise _one_line(error, f"override '{override}'") from None
+    try:
+        parts = [OmegaConf.create(layer) for _, layer in layers]
+        merged = OmegaConf.merge(_schema(), *parts, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException:
+        merged = _merge_naming_the_culprit(layers, overrides)
     try:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise _one_line(error, "config") from None
     assert isinstance(config, ExperimentConfig)
     return config
+
+
+def _merge_naming_the_culprit(layers: list[tuple[str, dict[str, Any]]], overrides: list[str]) -> DictConfig:
+    merged = _schema()
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
+        except OmegaConfBaseException as error:
+            raise _one_line(error, source) from None
+    for override in overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as error:
+            raise _one_line(error, f"override '{override}'") from None
+    return merged
 
 
 def resolved_teachers(config: ExperimentConfig) -> list[TeacherConfig]:

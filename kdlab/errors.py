@@ -14,6 +14,10 @@ class ConfigError(KdlabError):
     """A config file or override is unknown, ill-typed or inconsistent."""
 
 
+class DataNotFoundError(ConfigError):
+    """A dataset's files are not on this machine (kdlab never downloads); planning cannot read it."""
+
+
 class UnknownNameError(KdlabError):
     """A name that is not in a registry (method, model, dataset, experiment, ...)."""
 

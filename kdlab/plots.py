@@ -152,3 +152,34 @@ def training_curves(csv_files: Sequence[Path], path: Path, title: str = "") -> N
     if title:
         left.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def delta_heatmap(
+    values: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    path: Path,
+    title: str,
+    legend: str,
+) -> None:
+    """Signed differences (ours - published, or a method's gain over its student) as an annotated
+    heat map centred on zero; cells without a value are grey."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    bound = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
+    bound = max(bound, 1e-6)
+    fig, axis = plt.subplots(figsize=(2.5 + 1.1 * len(column_labels), 1.2 + 0.38 * len(row_labels)))
+    cmap = plt.get_cmap("RdBu").copy()
+    cmap.set_bad("#dddddd")
+    image = axis.imshow(matrix, cmap=cmap, norm=TwoSlopeNorm(0.0, -bound, bound), aspect="auto")
+    axis.set_xticks(range(len(column_labels)), column_labels, rotation=30, ha="right")
+    axis.set_yticks(range(len(row_labels)), row_labels)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:+.2f}"
+            axis.text(j, i, text, ha="center", va="center", fontsize=8, color="#222222")
+    fig.colorbar(image, ax=axis, shrink=0.8, label=legend)
+    axis.set_title(title, fontsize=10)
+    _save(fig, path)

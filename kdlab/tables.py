@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +31,9 @@ from kdlab.launch import SlurmOptions, table_on_slurm
 from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
 from kdlab.plots import table_figure
 from kdlab.wandb_tables import cell_runtime, log_table
+
+if TYPE_CHECKING:
+    from kdlab.paper_tables import GridSpec
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class Cell:
 
 @dataclass
 class TableResult:
-    spec: TableSpec
+    spec: TableSpec | GridSpec
     seeds: list[int]
     cells: list[Cell]
     wall_seconds: float
@@ -104,12 +107,43 @@ def load_paper(key: str) -> dict[str, Any]:
     return load_yaml(path)
 
 
-def load_table(name: str) -> TableSpec:
-    """Parse and check a table YAML (a registered name or a path): columns, stages and published
-    keys must all exist."""
+def load_table(name: str) -> TableSpec | GridSpec:
+    """Parse and check a table YAML (a registered name or a path): a row table (rows of
+    experiments) or a grid table (a paper's methods x pairs, see kdlab.paper_tables)."""
+    from kdlab.paper_tables import load_grid
+
     path = Path(name) if name.endswith((".yaml", ".yml")) and Path(name).exists() else table_registry().get(name)
     data = load_yaml(path)
     name = path.stem
+    if "pairs" in data:
+        return load_grid(name, data)
+    return _load_row_table(name, data)
+
+
+def table_scale(spec: TableSpec | GridSpec) -> str:
+    """Row tables are MNIST-1D tables (mini); grid tables say their scale."""
+    return getattr(spec, "scale", "mini")
+
+
+def find_table(name: str, scale: str | None) -> TableSpec | GridSpec:
+    """A table by name, or a paper's table of the given scale (``kdlab table crd --scale mini``)."""
+    if name in table_registry().names() or name.endswith((".yaml", ".yml")) or not scale:
+        spec = load_table(name)
+        if scale and table_scale(spec) != scale:
+            raise ConfigError(f"table '{spec.name}' is {table_scale(spec)} scale, not {scale}")
+        return spec
+    papers = {p.stem for p in papers_dir().glob("*.yaml")}
+    if name not in papers:
+        raise unknown("table or paper", name, [*table_registry().names(), *sorted(papers)])
+    candidates = [t for t in table_registry().names() if load_yaml(table_registry().get(t)).get("paper") == name]
+    matching = [t for t in candidates if table_scale(load_table(t)) == scale]
+    if len(matching) != 1:
+        found = ", ".join(matching) or "none"
+        raise ConfigError(f"paper '{name}' has {len(matching)} {scale}-scale tables ({found}); name one of them")
+    return load_table(matching[0])
+
+
+def _load_row_table(name: str, data: dict[str, Any]) -> TableSpec:
     paper = load_paper(data["paper"]) if data.get("paper") else None
     published = (paper or {}).get("numbers", {}).get("top1", {})
     columns = tuple(data.get("columns", ["top1", "params"]))
@@ -136,8 +170,11 @@ def load_table(name: str) -> TableSpec:
     return TableSpec(name, data.get("title", name), paper, int(data.get("seeds", 1)), columns, tuple(rows), notes)
 
 
-def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) -> list[tuple[Cell, Plan]]:
-    """Validate every cell before anything trains (bad names and overrides fail here)."""
+def plan_table(
+    spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str], only: Sequence[str] | None = None
+) -> list[tuple[Cell, Plan]]:
+    """Validate every cell before anything trains (bad names and overrides fail here). ``only``:
+    keep the rows of these methods ("teacher" for teacher rows)."""
     planned = []
     for seed in seeds:
         for row in spec.rows:
@@ -152,6 +189,14 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], overrides: Sequence[str]) 
                     f"table '{spec.name}', row '{row.label}': method '{config.method.name}' has no teacher"
                 )
             planned.append((Cell(row, seed), plan))
+    if only:
+        names = {"teacher" if c.row.stage == "teacher" else p.config.method.name for c, p in planned}
+        for name in only:
+            if name not in names:
+                raise unknown(f"method of table '{spec.name}' (--only)", name, sorted(names))
+        planned = [
+            (c, p) for c, p in planned if ("teacher" if c.row.stage == "teacher" else p.config.method.name) in only
+        ]
     return planned
 
 
@@ -161,11 +206,12 @@ def run_table(
     overrides: Sequence[str] = (),
     console: Console | None = None,
     slurm: SlurmOptions | None = None,
+    only: Sequence[str] | None = None,
 ) -> TableResult:
     """Plan every cell, then run it here, one after another, or (``slurm``) as a Slurm job array."""
     console = console or Console()
     started = time.perf_counter()
-    planned = plan_table(spec, seeds, overrides)
+    planned = plan_table(spec, seeds, overrides, only)
     if slurm is None:
         _run_here(planned, console)
     else:  # waits for the jobs, then fills in each cell's metrics, or its error line and log path

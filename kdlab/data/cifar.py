@@ -18,7 +18,7 @@ from torchvision.datasets.utils import check_integrity
 from kdlab.data.base import ClassificationDataModule, TransformedDataset
 from kdlab.data.randaugment import randaugment as randaugment_transform
 from kdlab.data.registry import register_dataset
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataNotFoundError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -58,13 +58,13 @@ class _CIFARDataModule(ClassificationDataModule):
             )
         folder = Path(self.root).expanduser() / base_folder
         if not folder.is_dir():
-            raise ConfigError(
+            raise DataNotFoundError(
                 f"dataset '{self.dataset_name}': expected {folder} (the unpacked python version, "
                 f"{self.dataset_class.filename}); kdlab never downloads: fetch and unpack it there yourself"
             )
         missing = [name for name, _ in expected_files(self.dataset_class) if not (folder / name).is_file()]
         if missing:
-            raise ConfigError(
+            raise DataNotFoundError(
                 f"dataset '{self.dataset_name}': {folder} lacks {', '.join(missing)}; kdlab never downloads: "
                 f"unpack a complete {self.dataset_class.filename} there"
             )

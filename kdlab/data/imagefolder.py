@@ -21,7 +21,7 @@ from torchvision.datasets.folder import find_classes
 from kdlab.data.base import ClassificationDataModule, TransformedDataset
 from kdlab.data.randaugment import randaugment as check_randaugment
 from kdlab.data.registry import register_dataset
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataNotFoundError
 
 EVAL_SPLITS = ("val", "test")
 CROP_PCT = 0.875
@@ -63,7 +63,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         eval_dirs = [root / name for name in EVAL_SPLITS if (root / name).is_dir()]
         if "train" not in found or not eval_dirs:
             listing = ", ".join(found) if found else ("nothing" if root.is_dir() else "no such folder")
-            raise ConfigError(f"dataset 'imagefolder': {root} must hold train/ and val/ (or test/); found: {listing}")
+            raise DataNotFoundError(
+                f"dataset 'imagefolder': {root} must hold train/ and val/ (or test/); found: {listing}"
+            )
         return root / "train", eval_dirs[0]
 
     def _classes(self) -> list[str]:
