@@ -6,9 +6,8 @@ its default. OmegaConf validates and merges; this module turns its errors into o
 
 from __future__ import annotations
 
-import functools
-
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass

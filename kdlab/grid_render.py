@@ -2,7 +2,7 @@
 
 Full scale: each cell shows ``mean ± std (published, Δ)`` and the heat map shows ours - published.
 Mini scale: the columns are MNIST-1D stand-ins, so the comparison is the ordering: each method's
-mean rank here beside its mean rank in the paper's table (Spearman's ρ between the two), and the
+mean rank here beside its mean rank in the paper's table (Spearman's rho between the two), and the
 heat map shows each method's gain over its student, beside the paper's mean gain.
 """
 
@@ -115,7 +115,7 @@ def paper_ranks(spec: GridSpec) -> dict[str, float]:
 
 
 def spearman(a: dict[str, float], b: dict[str, float]) -> tuple[float | None, int]:
-    """Spearman's ρ between two rankings over their common rows, and how many rows that is."""
+    """Spearman's rho between two rankings over their common rows, and how many rows that is."""
     common = sorted(set(a) & set(b))
     if len(common) < 3:
         return None, len(common)
