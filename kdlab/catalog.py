@@ -47,7 +47,8 @@ def _load_registries() -> None:
     for path in sorted((experiments_dir() / "tables").glob("*.yaml")):
         data = load_yaml(path)
         _check_name(path, data)
-        TABLES.add(path.stem, path, str(data.get("title", data.get("description", ""))))
+        scale = f"[{data['scale']}] " if "scale" in data else ""
+        TABLES.add(path.stem, path, scale + str(data.get("title", data.get("description", ""))))
 
 
 def _check_name(path: Path, data: dict[str, Any]) -> None:

@@ -163,7 +163,7 @@ def delta_heatmap(
     legend: str,
 ) -> None:
     """Signed differences (ours - published, or a method's gain over its student) as an annotated
-    heat map centred on zero; cells without a value are grey."""
+    heat map centred on zero; cells without a value (not applicable, not run) are grey."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
@@ -178,8 +178,10 @@ def delta_heatmap(
     axis.set_yticks(range(len(row_labels)), row_labels)
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
-            text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:+.2f}"
-            axis.text(j, i, text, ha="center", va="center", fontsize=8, color="#222222")
+            value = matrix[i, j]
+            text = "—" if np.isnan(value) else f"{value:+.2f}"
+            dark = not np.isnan(value) and abs(value) > 0.6 * bound
+            axis.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "#222222")
     fig.colorbar(image, ax=axis, shrink=0.8, label=legend)
     axis.set_title(title, fontsize=10)
     _save(fig, path)
