@@ -78,3 +78,13 @@ def test_bad_tables_fail_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="row 'a': method 'ce' has no teacher"):
         plan_table(load_table(str(no_teacher)), [0], [f"runtime.runs_dir={tmp_path / 'runs'}"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_keeps_the_named_methods_rows_and_names_a_bad_one(tmp_path: Path) -> None:
+    spec = load_table("mnist1d-kd")
+    runs = [f"runtime.runs_dir={tmp_path / 'runs'}"]
+    kept = plan_table(spec, [0, 1], runs, only=["kd", "teacher"])
+    assert {(c.row.stage, p.config.method.name) for c, p in kept} == {("teacher", "kd"), ("student", "kd")}
+    assert len(kept) == 4
+    with pytest.raises(UnknownNameError, match="unknown method of table 'mnist1d-kd' \\(--only\\) 'kdd'"):
+        plan_table(spec, [0], runs, only=["kdd"])
