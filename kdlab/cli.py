@@ -172,7 +172,7 @@ def cmd_table(args: argparse.Namespace, console: Console) -> int:
         raise KdlabError(f"--collect applies to paper (grid) tables; '{spec.name}' is a row table")
     if args.dry_run:
         for cell, plan in plan_table(spec, seeds, args.overrides, only):
-            run = plan.teacher_run if cell.row.stage == "teacher" else plan.student_run
+            run = plan.stage_run(cell.row.stage)
             state = "done" if run and run.is_finished() else run.status()["state"] if run else "?"
             console.print(f"{cell.row.label}, seed {cell.seed}: {cell.row.experiment} {cell.row.overrides} -> {state}")
         return 0

@@ -154,7 +154,7 @@ def table_on_slurm(
     table, then fill in each cell's metrics, or its error line and log path."""
     cells = []
     for cell, plan in planned:
-        run = plan.teacher_run if cell.row.stage == "teacher" else plan.student_run
+        run = plan.stage_run(cell.row.stage)
         overrides_of_cell = [*cell.row.overrides, *overrides, f"seed={cell.seed}"]
         label = f"{cell.row.label}, seed {cell.seed}"
         cells.append(SweepCell(cell.row.experiment, overrides_of_cell, str(run.dir.resolve()), cell.row.stage, label))

@@ -11,7 +11,6 @@ Each cell's accuracy is read the way its paper read it (``accuracy_at``: best or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kdlab.catalog import load_experiment
@@ -20,7 +19,7 @@ from kdlab.errors import ConfigError, DataNotFoundError, KdlabError, did_you_mea
 from kdlab.methods import METHODS
 from kdlab.pipeline import Plan, plan_experiment
 from kdlab.published import BASELINE_ROWS, PaperTable, load_paper_entry
-from kdlab.tables import Cell, RowSpec, load_paper
+from kdlab.tables import Cell, RowSpec
 from kdlab.wandb_tables import cell_runtime
 
 SCALES = ("full", "mini")
@@ -51,7 +50,7 @@ class GridSpec:
     name: str
     title: str
     scale: str
-    paper: dict[str, Any]  # the paper YAML (citation, for the provenance line)
+    paper: dict[str, Any]  # the citation (key, title, authors, venue), for the provenance line
     published: PaperTable
     seeds: int
     pairs: dict[str, str]  # column -> experiment
@@ -154,7 +153,7 @@ def load_grid(name: str, data: dict[str, Any]) -> GridSpec:
         name=name,
         title=str(data.get("title", name)),
         scale=scale,
-        paper=load_paper(paper.key),
+        paper={"key": paper.key, "title": paper.title, "authors": paper.authors, "venue": paper.venue},
         published=published,
         seeds=int(data.get("seeds", 1)),
         pairs=pairs,
@@ -221,19 +220,12 @@ def _check_cell(spec: GridSpec, plan: Plan, row: GridRow) -> None:
         )
 
 
-def cell_run_dir(cell: GridCell) -> Path | None:
-    if cell.plan is None:
-        return None
-    run = cell.plan.teacher_run if cell.row.stage == "teacher" else cell.plan.student_run
-    return run.dir if run is not None else None
-
-
 def collect_finished(cells: list[GridCell]) -> None:
     """Fill in cells whose runs already finished (or failed), without training anything."""
     for grid_cell in cells:
         if grid_cell.plan is None:
             continue
-        run = grid_cell.plan.teacher_run if grid_cell.row.stage == "teacher" else grid_cell.plan.student_run
+        run = grid_cell.plan.stage_run(grid_cell.row.stage)
         assert run is not None
         grid_cell.cell.run_dir = run.dir
         if run.is_finished():

@@ -108,6 +108,10 @@ class Plan:
     def teacher_run(self) -> Run | None:
         return self.teachers[0].run if self.teachers else None
 
+    def stage_run(self, stage: str) -> Run | None:
+        """The run a table cell of this stage reports: ``teacher`` or ``student``."""
+        return self.teacher_run if stage == "teacher" else self.student_run
+
     @property
     def teacher_input_key(self) -> str:
         """Paired (cross-modal) data gives teachers their own modality."""

@@ -224,7 +224,7 @@ def _run_here(planned: list[tuple[Cell, Plan]], console: Console) -> None:
     for number, (cell, plan) in enumerate(planned, 1):
         console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
         teacher_row = cell.row.stage == "teacher"
-        run = plan.teacher_run if teacher_row else plan.student_run
+        run = plan.stage_run(cell.row.stage)
         assert run is not None  # plan_table checked that teacher rows have a teacher
         cell.run_dir = run.dir
         try:
