@@ -18,4 +18,5 @@ class EpochSeed(Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        L.seed_everything(self.seed * 100_003 + trainer.current_epoch, workers=True, verbose=False)
+        # modulo numpy's seed range: large seeds (an LM teacher's offset one) wrap; small ones are unchanged
+        L.seed_everything((self.seed * 100_003 + trainer.current_epoch) % 2**32, workers=True, verbose=False)

@@ -98,6 +98,11 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentC
     method (``method_presets``) is merged beneath the command-line overrides.
     """
     layers = experiment_layers(name_or_path)
+    if is_lm_layers(layers):
+        raise ConfigError(
+            f"experiment '{name_or_path}' is a language-model experiment (kind: lm); it runs with `kdlab run` "
+            "and in LM tables, not as an image-classification experiment"
+        )
     config = build_config(layers, list(overrides))
     if config.method.name != _yaml_method_name(layers):
         layers = [(source, _without_method_options(layer)) for source, layer in layers]
@@ -106,6 +111,24 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> ExperimentC
         fields = {"params": preset.params, "weights": preset.weights}
         layers.append((f"method_presets.{config.method.name}", {"method": {k: v for k, v in fields.items() if v}}))
     return build_config(layers, list(overrides))
+
+
+def is_lm_experiment(name_or_path: str) -> bool:
+    """Whether an experiment is a causal-LM one (``kind: lm``, see kdlab.lm.config)."""
+    return is_lm_layers(experiment_layers(name_or_path))
+
+
+def load_lm_experiment(name_or_path: str, overrides: list[str] = ()) -> Any:
+    """The typed :class:`kdlab.lm.config.LMExperimentConfig` of a ``kind: lm`` experiment."""
+    from kdlab.lm.config import build_lm_config
+
+    return build_lm_config(experiment_layers(name_or_path), list(overrides))
+
+
+def is_lm_layers(layers: list[tuple[str, dict[str, Any]]]) -> bool:
+    """Whether YAML layers declare ``kind: lm`` (the last layer that says wins)."""
+    kinds = [layer["kind"] for _, layer in layers if "kind" in layer]
+    return bool(kinds) and kinds[-1] == "lm"
 
 
 def _yaml_method_name(layers: list[tuple[str, dict[str, Any]]]) -> str:

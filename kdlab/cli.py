@@ -94,11 +94,13 @@ def _ensemble_label(teacher: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from kdlab.catalog import load_experiment
+    from kdlab.catalog import is_lm_experiment, load_experiment
     from kdlab.config import to_dict, to_yaml
     from kdlab.distributed import is_global_zero
     from kdlab.pipeline import execute_plan, plan_experiment
 
+    if is_lm_experiment(args.experiment):
+        return _run_lm(args, console)
     config = load_experiment(args.experiment, args.overrides)
     plan = plan_experiment(config)
     if args.dry_run:
@@ -134,6 +136,43 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 if key in metrics
             )
             console.print(f"[bold]{label}[/bold] {run.dir}: {summary}")
+    return 0
+
+
+def _run_lm(args: argparse.Namespace, console: Console) -> int:
+    """``kdlab run`` of a ``kind: lm`` experiment: teacher -> (generations | store) -> student."""
+    from kdlab.catalog import load_lm_experiment
+    from kdlab.config import to_dict, to_yaml
+    from kdlab.distributed import is_global_zero
+    from kdlab.lm.pipeline import execute_lm_plan, plan_lm
+
+    config = load_lm_experiment(args.experiment, args.overrides)
+    plan = plan_lm(config)
+    runs = [
+        ("teacher run", plan.teacher_run),
+        ("teacher generations", plan.generations_run),
+        ("soft-label store", plan.store_run),
+        ("student run", plan.student_run),
+    ]
+    if args.dry_run:
+        console.print(to_yaml(to_dict(config)), highlight=False, markup=False)
+        for label, run in runs:
+            if run is not None:
+                state = "finished" if run.is_finished() else run.status()["state"]
+                console.print(f"{label}: {run.dir} ({state})")
+        return 0
+    teacher, student = execute_lm_plan(plan)
+    if not is_global_zero(config.runtime):
+        return 0
+    for label, run, metrics in (("teacher", plan.teacher_run, teacher), ("student", plan.student_run, student)):
+        if run is not None and metrics is not None:
+            summary = ", ".join(
+                f"{key.removeprefix('test/')} {metrics[key]:.3f}"
+                for key in ("test/bpb", "test/agreement", "test/kl")
+                if key in metrics
+            )
+            console.print(f"[bold]{label}[/bold] {run.dir}: {summary}")
+    console.print(f"student saved for from_pretrained: {plan.student_run.dir / 'hf'}")
     return 0
 
 

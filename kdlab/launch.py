@@ -22,9 +22,10 @@ from typing import Any
 import submitit
 from rich.console import Console
 
+from kdlab.cells import plan_cell, run_stage
 from kdlab.config import ExperimentConfig
 from kdlab.errors import KdlabError
-from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
+from kdlab.pipeline import Plan
 from kdlab.sweeps import Sweep, SweepCell, load_sweep, sweep_dir, sweep_name, sweep_states, wait
 
 LAUNCHERS = ("local", "slurm")
@@ -34,13 +35,12 @@ class CellJob:
     """One sweep cell as a submitit job: plan and execute the experiment (reusing or resuming its
     runs), return the cell's metrics."""
 
-    def __init__(self, config: ExperimentConfig, stage: str = "student") -> None:
+    def __init__(self, config: Any, stage: str = "student") -> None:  # either kind (kdlab.cells)
         self.config = config
         self.stage = stage
 
     def __call__(self) -> dict[str, Any]:
-        plan = plan_experiment(self.config)
-        return ensure_teacher(plan)[1] if self.stage == "teacher" else execute_plan(plan).student
+        return run_stage(plan_cell(self.config), self.stage)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Requeue the same cell: its runs resume from their last per-epoch checkpoint."""

@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 
-def _execute(run: Run, label: str, work: Any, runtime: RuntimeConfig) -> dict[str, Any]:
+def execute_run(run: Run, label: str, work: Any, runtime: RuntimeConfig) -> dict[str, Any]:
     """Reuse a finished run, else run ``work`` under the run's lock with status bookkeeping.
     On several processes rank 0 alone locks and writes; the others train with it, then read."""
     if not is_global_zero(runtime):
@@ -169,7 +169,7 @@ def _ensure_model(plan: Plan, teacher: TeacherPlan, label: str) -> tuple[nn.Modu
         log_summary(loggers, metrics)
         return metrics
 
-    metrics = _execute(run, label, work, config.runtime)
+    metrics = execute_run(run, label, work, config.runtime)
     load_model_weights(model, run.model_path)  # a reused run's weights; a fresh run's, unchanged
     return model, metrics
 
@@ -313,7 +313,7 @@ def ensure_student(
         log_summary(loggers, metrics)
         return metrics
 
-    return _execute(run, label, work, config.runtime)
+    return execute_run(run, label, work, config.runtime)
 
 
 @dataclass

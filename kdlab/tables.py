@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from kdlab.catalog import load_experiment, papers_dir, table_registry
+from kdlab.catalog import papers_dir, table_registry
+from kdlab.cells import cell_method, load_cell_config, plan_cell, run_stage
 from kdlab.config import RuntimeConfig, load_yaml
 from kdlab.errors import ConfigError, KdlabError, unknown
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.launch import SlurmOptions, table_on_slurm
-from kdlab.pipeline import Plan, ensure_teacher, execute_plan, plan_experiment
+from kdlab.pipeline import Plan
 from kdlab.plots import table_figure
 from kdlab.wandb_tables import cell_runtime, log_table
 
@@ -57,6 +58,11 @@ COLUMNS: dict[str, Column] = {
     "epochs": Column("Epochs", "epochs", lambda v: f"{v:.0f}", spread=False),
     "int8_top1": Column("Top-1, int8 (%)", "test/int8/top1", lambda v: f"{v:.2f}"),
     "size_kb": Column("Size (KB)", "size_bytes", lambda v: f"{v / 1024:.1f}", spread=False),
+    # Language-model tables (kdlab/lm): the text's held-out files.
+    "bpb": Column("Bits/byte (val)", "test/bpb", lambda v: f"{v:.3f}"),
+    "agreement": Column("Teacher agreement (%)", "test/agreement", lambda v: f"{v:.2f}"),
+    "kl": Column("KL(teacher‖student) (nats/token)", "test/kl", lambda v: f"{v:.3f}"),
+    "train_minutes": Column("Train (min)", "wall_seconds", lambda v: f"{v / 60:.1f}"),
 }
 STAGES = ("student", "teacher")
 
@@ -178,25 +184,23 @@ def plan_table(
     planned = []
     for seed in seeds:
         for row in spec.rows:
-            config = load_experiment(row.experiment, [*row.overrides, *overrides, f"seed={seed}"])
+            config = load_cell_config(row.experiment, [*row.overrides, *overrides, f"seed={seed}"])
             config.runtime = cell_runtime(config.runtime, spec.name, row.experiment, row.overrides, seed)
             try:
-                plan = plan_experiment(config)
+                plan = plan_cell(config)
             except KdlabError as error:
                 raise type(error)(f"table '{spec.name}', row '{row.label}': {error}") from None
             if row.stage == "teacher" and plan.teacher_run is None:
                 raise ConfigError(
-                    f"table '{spec.name}', row '{row.label}': method '{config.method.name}' has no teacher"
+                    f"table '{spec.name}', row '{row.label}': method '{cell_method(plan, 'student')}' has no teacher"
                 )
             planned.append((Cell(row, seed), plan))
     if only:
-        names = {"teacher" if c.row.stage == "teacher" else p.config.method.name for c, p in planned}
+        names = {cell_method(p, c.row.stage) for c, p in planned}
         for name in only:
             if name not in names:
                 raise unknown(f"method of table '{spec.name}' (--only)", name, sorted(names))
-        planned = [
-            (c, p) for c, p in planned if ("teacher" if c.row.stage == "teacher" else p.config.method.name) in only
-        ]
+        planned = [(c, p) for c, p in planned if cell_method(p, c.row.stage) in only]
     return planned
 
 
@@ -223,12 +227,11 @@ def run_table(
 def _run_here(planned: list[tuple[Cell, Plan]], console: Console) -> None:
     for number, (cell, plan) in enumerate(planned, 1):
         console.print(f"[bold]cell {number}/{len(planned)}[/bold]: {cell.row.label}, seed {cell.seed}")
-        teacher_row = cell.row.stage == "teacher"
         run = plan.stage_run(cell.row.stage)
         assert run is not None  # plan_table checked that teacher rows have a teacher
         cell.run_dir = run.dir
         try:
-            cell.metrics = ensure_teacher(plan)[1] if teacher_row else execute_plan(plan).student
+            cell.metrics = run_stage(plan, cell.row.stage)
         except Exception as error:  # noqa: BLE001 - one failed cell must not hide the others
             cell.error = f"{type(error).__name__}: {error}".splitlines()[0]
             console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
