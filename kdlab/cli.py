@@ -15,7 +15,7 @@ from rich.table import Table
 from kdlab.errors import KdlabError
 from kdlab.registry import Registry
 
-KINDS = ("methods", "models", "datasets", "schemes", "callbacks", "experiments", "tables")
+KINDS = ("methods", "models", "datasets", "schemes", "callbacks", "lm-losses", "lm-models", "experiments", "tables")
 
 
 def _registry(kind: str) -> Registry[Any]:
@@ -39,6 +39,17 @@ def _registry(kind: str) -> Registry[Any]:
         from kdlab.callbacks import CALLBACKS
 
         return CALLBACKS
+    if kind == "lm-losses":
+        from kdlab.losses.lm import LM_LOSSES
+
+        losses: Registry[Any] = Registry("LM loss")
+        for name, loss in LM_LOSSES.items():
+            losses.add(name, loss, (loss.__doc__ or "").strip().splitlines()[0])
+        return losses
+    if kind == "lm-models":
+        from kdlab.lm.models import LM_PRESETS
+
+        return LM_PRESETS
     from kdlab.catalog import experiment_registry, table_registry
 
     return experiment_registry() if kind == "experiments" else table_registry()

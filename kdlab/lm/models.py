@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from kdlab.errors import ConfigError, DataNotFoundError, did_you_mean
 from kdlab.files import replace_folder
@@ -49,8 +50,8 @@ LM_PRESETS.add(
 )
 LM_PRESETS.add(
     "gpt-100m",
-    dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
-    "GPU benchmark: GPT-2 small's body, 12 layers, d=768 (86.0M params on bytes)",
+    dict(n_layer=14, n_embd=768, n_head=12, n_positions=1024),
+    "GPU teacher: GPT-2 small's width, 14 layers, d=768 (100.2M params on bytes)",
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -257,6 +258,8 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dir
     target.parent.mkdir(parents=True, exist_ok=True)
     plain = merge_for_export(copy.deepcopy(model)) if is_lora(model) else model
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "writing shards" bar per save is noise in a run's log
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -264,6 +267,9 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dir
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return target
 
 
