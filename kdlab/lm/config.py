@@ -23,6 +23,7 @@ DISTILL_DATA = ("dataset", "teacher_generations")
 STORE_SOURCES = ("model", "cache")
 STORE_MODES = ("topk", "sample")
 STORE_MISSING = ("residual", "renormalize")
+STORE_DTYPES = ("float16", "float32")
 
 
 def _lm_recipe(epochs: int, lr: float) -> TrainConfig:
@@ -143,6 +144,7 @@ class LMStoreConfig:
     k: int = 8
     samples: int = 16
     missing: str = "residual"
+    dtype: str = "float16"  # the stored log-probs: float16, or float32 (exact top-k targets)
     path: str | None = None  # None: a folder under the runs directory, keyed by teacher and data
 
     def __post_init__(self) -> None:
@@ -150,6 +152,7 @@ class LMStoreConfig:
             ("source", self.source, STORE_SOURCES),
             ("mode", self.mode, STORE_MODES),
             ("missing", self.missing, STORE_MISSING),
+            ("dtype", self.dtype, STORE_DTYPES),
         ):
             if value not in valid:
                 raise ConfigError(f"unknown store.{name} '{value}' (valid: {', '.join(valid)})")

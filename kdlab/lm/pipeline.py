@@ -198,7 +198,7 @@ def _dry_run(plan: LMPlan) -> None:
     batch = next(iter(plan.datamodule.val_dataloader()))
     batch = {k: v[:2, :16] if v.dim() == 2 else v[:2] for k, v in batch.items() if torch.is_tensor(v)}
     batch["labels"][:, 0] = batch["input_ids"][:, 1]  # at least one target in the probe
-    if plan.teacher is None:
+    if plan.teacher is None or plan.config.distill.loss == "none":  # seqKD: the teacher only generates
         return
     system = _system(plan, plan.config.distill, plan.config.student.train, plan.student, plan.teacher, None)
     with torch.no_grad():
@@ -318,6 +318,7 @@ def ensure_store(plan: LMPlan) -> Any:
                 samples=config.store.samples,
                 temperature=config.distill.temperature,
                 seed=config.seed,
+                dtype=config.store.dtype,
                 manifest={"data": data_spec(config), "teacher_run": plan.teacher_run.hash},  # type: ignore[union-attr]
             )
         return {"path": str(path), "wall_seconds": round(time.perf_counter() - started, 3)}
