@@ -101,6 +101,14 @@ class LMDistillation(L.LightningModule):
         self.register_state_dict_post_hook(_drop_teacher_state)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_state)
 
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """Without the teacher, also when Lightning's DeepSpeed strategy has removed the module's
+        state-dict hooks (``remove_module_hooks`` before evaluation): ZeRO-3's gathered state
+        would otherwise carry the teacher's empty partitions."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        _drop_teacher_state(self, state, prefix, None)
+        return state
+
     @property
     def teacher(self) -> nn.Module | None:
         return self.teachers[0] if len(self.teachers) else None
