@@ -17,7 +17,7 @@ from shard_probe import full_numel, optimizer_numel
 
 from kdlab.catalog import load_lm_experiment
 from kdlab.distributed import local_numel
-from kdlab.lm.pipeline import _system, ensure_lm_teacher, plan_lm
+from kdlab.lm.pipeline import build_lm_system, ensure_lm_teacher, plan_lm
 from kdlab.training import fit_and_test
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     )
     plan = plan_lm(config)
     ensure_lm_teacher(plan)
-    system = _system(plan, config.distill, config.student.train, plan.student, plan.teacher, None)
+    system = build_lm_system(plan, config.distill, config.student.train, plan.student, plan.teacher, None)
     run = plan.student_run
     run.prepare()
     fit_and_test(

@@ -234,7 +234,7 @@ def test_a_teacher_with_another_vocabulary_fails_naming_the_mapping(tmp_path: Pa
     runs = tmp_path / "runs"
     with pytest.raises(ConfigError, match="vocabularies differ") as error:
         plan_of(runs, "lm-stdlib-kd", f"teacher.model.path={teacher}", "teacher.model.preset=null")
-    assert "vocabulary mapping" in str(error.value) and "shared-tokens" in str(error.value)
+    assert "distill.vocab_mapping" in str(error.value) and "shared-tokens" in str(error.value)
     assert not runs.exists()
 
 
@@ -320,7 +320,7 @@ def test_store_with_k_equal_v_gives_the_online_kd_student(tmp_path: Path) -> Non
     term and the final students' test/bpb, test/kl agree to the last bit. Tolerance 1e-5
     relative: room for a different reduction order (another CPU, threads), far below what a
     wrong target (float16 rounding ~1e-3, a dropped token, a shifted position) changes."""
-    from kdlab.lm.pipeline import _system, ensure_lm_teacher, ensure_store
+    from kdlab.lm.pipeline import build_lm_system, ensure_lm_teacher, ensure_store
 
     runs = tmp_path / "runs"
     store = ["store.k=259", "store.dtype=float32"]
@@ -340,10 +340,12 @@ def test_store_with_k_equal_v_gives_the_online_kd_student(tmp_path: Path) -> Non
     soft_labels = ensure_store(cached_plan)
     config = cached_plan.config
     batch = next(iter(cached_plan.datamodule.train_dataloader()))
-    fed = _system(
+    fed = build_lm_system(
         cached_plan, config.distill, config.student.train, cached_plan.student, cached_plan.teacher, soft_labels
     )
-    plain = _system(cached_plan, config.distill, config.student.train, cached_plan.student, cached_plan.teacher, None)
+    plain = build_lm_system(
+        cached_plan, config.distill, config.student.train, cached_plan.student, cached_plan.teacher, None
+    )
     with torch.no_grad():
         logits = fed.student(input_ids=batch["input_ids"]).logits
         a, b = fed.kd_term(logits, batch, on_policy=False), plain.kd_term(logits, batch, on_policy=False)

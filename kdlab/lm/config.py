@@ -116,6 +116,9 @@ class DistillConfig:
     # Teacher and student vocabularies differ: a JSON file {teacher_id: student_id} or
     # "shared-tokens"; without one, a mismatch is an error.
     vocab_mapping: str | None = None
+    # Plan the teacher even where the loss does not need it (the SFT baseline of a table), so the
+    # student's agreement with it and KL from it are reported too.
+    compare_with_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.data not in DISTILL_DATA:
@@ -129,7 +132,7 @@ class DistillConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss != "none" or self.data == "teacher_generations"
+        return self.loss != "none" or self.data == "teacher_generations" or self.compare_with_teacher
 
 
 @dataclass

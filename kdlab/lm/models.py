@@ -372,8 +372,8 @@ def _difference(teacher: dict[str, int], student: dict[str, int], teacher_size: 
         + examples(only_teacher, repr)
         + f"; {len(only_student)} student tokens are not in the teacher's"
         + examples(only_student, repr)
-        + f". Token-level KD would compare different tokens: give an explicit vocabulary mapping ('{SHARED_TOKENS}'"
-        " to match identical token strings, or a JSON file {teacher_id: student_id})"
+        + ". Token-level KD would compare different tokens: give an explicit mapping,"
+        + f" distill.vocab_mapping='{SHARED_TOKENS}' (same token strings) or a JSON file {{teacher_id: student_id}}"
     )
 
 

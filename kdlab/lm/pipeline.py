@@ -200,14 +200,15 @@ def _dry_run(plan: LMPlan) -> None:
     batch["labels"][:, 0] = batch["input_ids"][:, 1]  # at least one target in the probe
     if plan.teacher is None or plan.config.distill.loss == "none":  # seqKD: the teacher only generates
         return
-    system = _system(plan, plan.config.distill, plan.config.student.train, plan.student, plan.teacher, None)
+    system = build_lm_system(plan, plan.config.distill, plan.config.student.train, plan.student, plan.teacher, None)
     with torch.no_grad():
         system.kd_term(torch.zeros(2, 16, _vocab_size(plan.student)), batch, on_policy=False)
 
 
-def _system(
+def build_lm_system(
     plan: LMPlan, distill: DistillConfig, train: TrainConfig, student: nn.Module, teacher: nn.Module | None, store: Any
 ) -> LMDistillation:
+    """The Lightning system around ``student`` (the teacher's own training: ``teacher=None``)."""
     return LMDistillation(
         student,
         teacher,
@@ -241,7 +242,7 @@ def ensure_lm_teacher(plan: LMPlan) -> dict[str, Any]:
         recipe = config.teacher.train if config.teacher.trained else replace(config.teacher.train, epochs=0)
         supervised = DistillConfig(loss="none", sft_weight=1.0)
         teacher.requires_grad_(True).train()  # planning froze it as a teacher; here it is trained
-        system = _system(plan, supervised, recipe, teacher, None, None)
+        system = build_lm_system(plan, supervised, recipe, teacher, None, None)
         metrics, loggers = fit_and_test(
             system, plan.datamodule, run, recipe, config.runtime, plan.teacher_seed, f"{config.name}/teacher", "teacher"
         )
@@ -333,7 +334,7 @@ def ensure_lm_student(plan: LMPlan) -> dict[str, Any]:
     """Train the student (teacher, generations and store made first), then save it for the world."""
     config, run = plan.config, plan.student_run
     distill = config.distill
-    teacher = plan.teacher if distill.loss != "none" else None
+    teacher = plan.teacher  # with loss none (SFT, seqKD) it only scores: agreement and KL
     store = ensure_store(plan) if config.store.source == "cache" else None
     datamodule = plan.datamodule
     if plan.generations_run is not None:
@@ -342,7 +343,7 @@ def ensure_lm_student(plan: LMPlan) -> dict[str, Any]:
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
-        system = _system(plan, distill, config.student.train, plan.student, teacher, store)
+        system = build_lm_system(plan, distill, config.student.train, plan.student, teacher, store)
         metrics, loggers = fit_and_test(
             system,
             datamodule,

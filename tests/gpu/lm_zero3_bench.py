@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from kdlab.catalog import load_lm_experiment
-from kdlab.lm.pipeline import _system, plan_lm
+from kdlab.lm.pipeline import build_lm_system, plan_lm
 from kdlab.training import fit_and_test
 
 STRATEGIES = ("deepspeed_stage_3", "fsdp2", "ddp")
@@ -77,7 +77,7 @@ class Throughput(L.Callback):
 def run_one(strategy: str, devices: int, steps: int, out: Path) -> None:
     config = load_lm_experiment("lm-stdlib-kd", overrides(out.parent / "runs", strategy, devices, "gpu"))
     plan = plan_lm(config)
-    system = _system(plan, config.distill, config.student.train, plan.student, plan.teacher, None)
+    system = build_lm_system(plan, config.distill, config.student.train, plan.student, plan.teacher, None)
     plan.student_run.prepare()
     torch.cuda.reset_peak_memory_stats()
     fit_and_test(
@@ -120,7 +120,9 @@ def main() -> None:
             print(f"{strategy:>18}: failed (exit {done.returncode})")
             continue
         result = json.loads(out.read_text())
-        print(f"{strategy:>18}: {result['tokens_per_s']:9.0f} tokens/s, peak {result['peak_gib_rank0']:.2f} GiB (rank 0)")
+        print(
+            f"{strategy:>18}: {result['tokens_per_s']:9.0f} tokens/s, peak {result['peak_gib_rank0']:.2f} GiB (rank 0)"
+        )
 
 
 if __name__ == "__main__":
