@@ -70,3 +70,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
         return decay(epoch)
 
     return LambdaLR(optimizer, factor)
+
+
+def build_step_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int
+) -> LambdaLR:
+    """The same schedule, stepped every optimiser step at fractional epochs (language models train
+    for few epochs of many steps: a per-epoch cosine over one epoch would never decay)."""
+    decay = SCHEDULES.get(cfg.name)(cfg, epochs)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return decay(step / steps_per_epoch)
+
+    return LambdaLR(optimizer, factor)

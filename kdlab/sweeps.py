@@ -23,11 +23,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from kdlab.catalog import load_experiment
+from kdlab.cells import load_cell_config, plan_cell
 from kdlab.config import ExperimentConfig
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.files import atomic_write_json
-from kdlab.pipeline import plan_experiment
 from kdlab.runs import Run
 from kdlab.wandb_ablation import ablation_runtime, swept_values
 
@@ -128,11 +127,11 @@ def plan_cells(experiment: str, grid: list[list[str]], name: str) -> list[tuple[
         label = " ".join(o for i, o in enumerate(overrides) if i in varying)
         swept = [o for i, o in enumerate(overrides) if i in varying]
         try:
-            config = load_experiment(experiment, overrides)
+            config = load_cell_config(experiment, overrides)  # image-classification or kind: lm
             config.runtime = ablation_runtime(
                 config.runtime, f"sweep/{name}", swept_values(swept), tags=[f"sweep:{name}"]
             )
-            plan = plan_experiment(config)
+            plan = plan_cell(config)
         except KdlabError as error:
             raise type(error)(f"sweep cell {label or ' '.join(overrides) or experiment}: {error}") from None
         cell = SweepCell(experiment, overrides, str(plan.student_run.dir.resolve()), label=label)

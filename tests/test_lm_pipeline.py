@@ -361,9 +361,8 @@ def test_seqkd_generations_are_made_once_and_reused(tmp_path: Path) -> None:
     samples = torch.load(generations / "generations.pt", weights_only=True)
     assert samples["input_ids"].shape[0] > 0 and (samples["labels"] != -100).any()
     stamp = (generations / "generations.pt").stat().st_mtime_ns
-    # loss none: the student is trained without the teacher's logits, and evaluated without them
-    # too (no test/agreement or test/kl, as for lm-stdlib-sft)
-    assert_finite(only_student(runs), "test/bpb", "val/bpb", "test/nll")
+    # loss none: trained on the teacher's text, not its logits; scored against the teacher still
+    assert_finite(only_student(runs), "test/bpb", "val/bpb", "test/nll", "test/agreement", "test/kl")
     lm_run(runs, "lm-stdlib-seqkd", *SMALL_GENERATION, "student.train.optimizer.lr=0.002")
     assert len(student_dirs(runs)) == 2
     assert list(runs.glob("lm-generations/*")) == [generations]
@@ -476,3 +475,35 @@ def test_lm_ddp_on_two_processes_gives_the_one_process_numbers(tmp_path: Path) -
     assert b["test/agreement"] == pytest.approx(a["test/agreement"], abs=0.11)
     (run_dir,) = student_dirs(two)
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["attempt-1"], "one writer, one log"
+
+
+@pytest.mark.slow
+def test_a_lora_student_trains_its_adapters_and_is_saved_merged(tmp_path: Path) -> None:
+    """student.model.lora.r > 0: only the adapters train; the saved student is a plain HF model
+    (no peft wrapper, no adapter keys) whose logits are those of the run's merged weights."""
+    from transformers import AutoModelForCausalLM
+
+    runs = tmp_path / "runs"
+    lm_run(runs, "lm-stdlib-kd", "student.model.lora.r=4", "student.model.lora.target_modules=[c_attn]")
+    (run_dir,) = student_dirs(runs)
+    assert_finite(metrics_at(run_dir), "test/bpb", "test/agreement")
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "hf", local_files_only=True)
+    assert not any("lora" in name for name, _ in saved.named_parameters())
+    merged = build_lm(LMModelConfig(preset="gpt-tiny"), vocab_size=259)
+    merged.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    initial = build_lm(LMModelConfig(preset="gpt-tiny"), vocab_size=259, seed=0)
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(saved(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+        # the adapters moved the merged model away from the initial weights
+        assert not torch.allclose(saved(input_ids=ids).logits, initial(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_lm_sweep_runs_every_cell(tmp_path: Path) -> None:
+    """`kdlab sweep` over an LM experiment: one student run per grid cell, sharing the teacher."""
+    runs = tmp_path / "runs"
+    kdlab("sweep", "lm-stdlib-kd", "distill.loss=forward_kl,tvd", f"runtime.runs_dir={runs}", *TINY, *QUIET)
+    students = student_dirs(runs)
+    assert sorted(metrics_at(d)["loss"] for d in students) == ["forward_kl", "tvd"]
+    assert len(list(runs.glob("lm-teachers/*/metrics.json"))) == 1

@@ -27,7 +27,8 @@ STORE_DTYPES = ("float16", "float32")
 
 
 def _lm_recipe(epochs: int, lr: float) -> TrainConfig:
-    """AdamW with a cosine decay: the usual small-transformer recipe (SGD's CIFAR defaults are not)."""
+    """AdamW with a cosine decay: the usual small-transformer recipe (SGD's CIFAR defaults are not).
+    LM runs step every schedule per optimiser step, at fractional epochs (kdlab/lm/system.py)."""
     return TrainConfig(
         epochs=epochs,
         optimizer=OptimizerConfig(name="adamw", lr=lr, weight_decay=0.01),

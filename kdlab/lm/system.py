@@ -24,7 +24,7 @@ from kdlab.config import TrainConfig
 from kdlab.lm.config import DistillConfig
 from kdlab.lm.generation import batch_prompts, sample_continuations
 from kdlab.losses.lm import lm_loss
-from kdlab.optim import build_optimizer, build_scheduler
+from kdlab.optim import build_optimizer, build_step_scheduler
 from kdlab.schemes.base import _drop_teacher_state, _ignore_missing_teacher_state
 from kdlab.schemes.loss_log import LossLog
 
@@ -98,7 +98,6 @@ class LMDistillation(L.LightningModule):
         self.loss_log = LossLog()
         names = ("nll", "tokens", "agree", "kl")
         self.sums = nn.ModuleDict({f"{split}_{n}": SumMetric() for split in ("val", "test") for n in names})
-        self.register_state_dict_post_hook(_drop_teacher_state)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_state)
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
@@ -253,8 +252,10 @@ class LMDistillation(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.trainable_parameters(), self.train_config.optimizer)
-        scheduler = build_scheduler(optimizer, self.train_config.schedule, self.train_config.epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        epochs = self.train_config.epochs
+        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / epochs)) if epochs else 1
+        scheduler = build_step_scheduler(optimizer, self.train_config.schedule, epochs, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
