@@ -12,23 +12,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdlab.data.text import (
+from kdlab.data.byte_tokens import (
     BYTE_VOCAB_SIZE,
     EOS_ID,
     IGNORE_INDEX,
     PAD_ID,
-    TextCorpus,
-    TextDataModule,
     byte_tokenizer,
-    create_text_datamodule,
     encode_bytes,
-    function_pairs,
     hash_fraction,
-    pairs_datamodule,
-    read_jsonl,
-    tokenize_pair,
-    write_jsonl,
 )
+from kdlab.data.text import TextDataModule, create_text_datamodule, pairs_datamodule
+from kdlab.data.text_corpus import TextCorpus
+from kdlab.data.text_pairs import function_pairs, read_jsonl, tokenize_pair, write_jsonl
 from kdlab.errors import ConfigError, DataNotFoundError
 
 SMALL_CAPS = {"max_train_bytes": 40_000, "max_val_bytes": 12_000}

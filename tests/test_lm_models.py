@@ -19,14 +19,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from kdlab.data.byte_tokens import BYTE_VOCAB_SIZE, byte_tokenizer
 from kdlab.errors import ConfigError, DataNotFoundError, UnknownNameError
 from kdlab.lm.models import (
-    BYTE_VOCAB_SIZE,
     LM_PRESETS,
     LMModelConfig,
     LoraOptions,
     build_lm,
-    byte_tokenizer,
     check_vocabularies,
     count_parameters,
     gpt2_parameter_count,

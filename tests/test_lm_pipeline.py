@@ -23,10 +23,11 @@ import pytest
 import torch
 
 from kdlab.catalog import load_lm_experiment
+from kdlab.data.byte_tokens import byte_tokenizer
 from kdlab.data.text import create_text_datamodule
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.lm.config import DistillConfig, GenerationConfig, _lm_recipe
-from kdlab.lm.models import LMModelConfig, build_lm, byte_tokenizer, save_student
+from kdlab.lm.models import LMModelConfig, build_lm, save_student
 from kdlab.lm.system import LMDistillation
 from kdlab.losses.lm import LM_LOSSES
 

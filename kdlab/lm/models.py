@@ -21,7 +21,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    ByT5Tokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
@@ -29,13 +28,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from kdlab.data.byte_tokens import BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
 from kdlab.errors import ConfigError, DataNotFoundError, did_you_mean
 from kdlab.files import replace_folder
 from kdlab.registry import Registry
-
-BYTE_VOCAB_SIZE = 259  # ByT5 byte tokenizer without sentinels: pad 0, eos 1, unk 2, bytes 3..258
-BYTE_PAD_ID = 0
-BYTE_EOS_ID = 1
 
 # Preset -> GPT2Config keywords. Counts are for the byte vocabulary with tied embeddings (the
 # position table is counted: n_positions * n_embd); tests/test_lm_models.py checks them.
@@ -91,9 +87,9 @@ def preset_config(name: str, vocab_size: int | None = None, overrides: dict[str,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=True,
-        bos_token_id=BYTE_EOS_ID,
-        eos_token_id=BYTE_EOS_ID,
-        pad_token_id=BYTE_PAD_ID,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
     )
     kwargs.update(LM_PRESETS.get(name))
     config = GPT2Config(**kwargs)
@@ -217,11 +213,6 @@ def merge_for_export(model: PreTrainedModel) -> PreTrainedModel:
     """Fold LoRA weights into the base model and drop the adapters (in place), so what is saved is
     a plain HF model any tool loads; a model without LoRA is returned as is."""
     return model.merge_and_unload() if is_lora(model) else model
-
-
-def byte_tokenizer() -> PreTrainedTokenizerBase:
-    """ByT5's byte tokenizer without sentinels: 259 ids (pad 0, eos 1, unk 2, byte b -> b + 3)."""
-    return ByT5Tokenizer(extra_ids=0)
 
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
