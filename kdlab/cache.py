@@ -60,6 +60,25 @@ def default_store_path(runs_dir: str | Path, teacher_run_hash: str, data: dict[s
     return Path(runs_dir) / STORE_GROUP / key
 
 
+def open_stored_array(
+    folder: Path, name: str, info: dict[str, Any], verify: bool = True, kind: str = "soft-label store"
+) -> np.ndarray:
+    """Memory-map one array of a store folder, checked against its manifest entry (``info``: shape,
+    dtype and, with ``verify``, sha256); a mismatch is a one-line error naming the store and file."""
+    path = folder / name
+    if not path.exists():
+        raise ConfigError(f"{kind} {folder} lacks {name}, which its manifest lists")
+    if verify and file_sha256(path) != info["sha256"]:
+        raise ConfigError(f"{kind} {folder}: {name} does not match its manifest's sha256 (corrupted)")
+    array = np.load(path, mmap_mode="r")
+    if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+        raise ConfigError(
+            f"{kind} {folder}: {name} is {array.dtype}{list(array.shape)}, the manifest says"
+            f" {info['dtype']}{info['shape']}"
+        )
+    return array
+
+
 class SoftLabelStore:
     """A finished store, opened read-only and memory-mapped; checked against its manifest."""
 
@@ -74,24 +93,10 @@ class SoftLabelStore:
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != STORE_FORMAT:
             raise ConfigError(f"{self.path}: store format {self.manifest.get('format')!r}, expected {STORE_FORMAT!r}")
-        self.arrays = {name: self._open(name, info) for name, info in self.manifest["files"].items()}
+        self.arrays = {name: open_stored_array(self.path, name, info) for name, info in self.manifest["files"].items()}
         self.num_samples: int = self.manifest["num_samples"]
         self.num_classes: int = self.manifest["num_classes"]
         self.top_k: int | None = self.manifest["top_k"]
-
-    def _open(self, name: str, info: dict[str, Any]) -> np.ndarray:
-        path = self.path / name
-        if not path.exists():
-            raise ConfigError(f"soft-label store {self.path} lacks {name}, which its manifest lists")
-        if file_sha256(path) != info["sha256"]:
-            raise ConfigError(f"soft-label store {self.path}: {name} does not match its manifest's sha256 (corrupted)")
-        array = np.load(path, mmap_mode="r")
-        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-            raise ConfigError(
-                f"soft-label store {self.path}: {name} is {array.dtype}{list(array.shape)}, the manifest says"
-                f" {info['dtype']}{info['shape']}"
-            )
-        return array
 
     @property
     def content_hash(self) -> str:

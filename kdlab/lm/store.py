@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlab.cache import open_stored_array
 from kdlab.config import config_hash
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_json, file_sha256, replace_folder
@@ -367,21 +368,10 @@ class LMSoftLabelStore:
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.temperature: float = self.manifest["temperature"]
-        self.arrays = {name: self._open(name, info, verify) for name, info in self.manifest["files"].items()}
-
-    def _open(self, name: str, info: dict[str, Any], verify: bool) -> np.ndarray:
-        path = self.path / name
-        if not path.exists():
-            raise ConfigError(f"LM soft-label store {self.path} lacks {name}, which its manifest lists")
-        if verify and file_sha256(path) != info["sha256"]:
-            raise ConfigError(f"LM soft-label store {self.path}: {name} does not match its manifest's sha256")
-        array = np.load(path, mmap_mode="r")
-        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-            raise ConfigError(
-                f"LM soft-label store {self.path}: {name} is {array.dtype}{list(array.shape)}, the manifest says"
-                f" {info['dtype']}{info['shape']}"
-            )
-        return array
+        self.arrays = {
+            name: open_stored_array(self.path, name, info, verify, kind="LM soft-label store")
+            for name, info in self.manifest["files"].items()
+        }
 
     @property
     def content_hash(self) -> str:
