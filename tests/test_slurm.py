@@ -94,6 +94,12 @@ def squeue_state(job: str) -> str:
     return out.strip()
 
 
+def sacct_states(job: str) -> list[str]:
+    """Every attempt's state in accounting, oldest first (``-D`` keeps the requeued attempt)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def test_a_preempted_job_requeues_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     epochs = ["teacher.train.epochs=2", "student.train.epochs=60"]  # ~10 s of student epochs
     config = [*TINY[2:], *epochs, "runtime.deterministic=true"]
@@ -121,8 +127,11 @@ def test_a_preempted_job_requeues_and_matches_an_uninterrupted_run(tmp_path: Pat
         assert time.monotonic() < deadline, f"job {job} did not finish after its requeue"
         time.sleep(0.5)
     assert "Caught signal SIGUSR2" in Path(cell["stdout"]).read_text()  # submitit's log, both attempts
-    history = subprocess.run(["sacct", "-D", "-X", "-n", "-o", "State", "-j", job], capture_output=True, text=True)
-    assert history.stdout.split() == ["REQUEUED", "COMPLETED"]
+    # slurmdbd records the end a moment after squeue drops the job: wait for accounting to catch up.
+    while (history := sacct_states(job))[-1:] == ["RUNNING"]:
+        assert time.monotonic() < deadline, f"accounting still shows job {job} running: {history}"
+        time.sleep(0.5)
+    assert history == ["REQUEUED", "COMPLETED"]
     run_dir = Path(cell["run_dir"])
     assert (run_dir / "metrics.json").exists(), Path(cell["stderr"]).read_text()[-3000:]
     assert len(list((run_dir / "logs").iterdir())) == 2  # the preempted attempt, and the resumed one
