@@ -1,4 +1,5 @@
-"""The ``kdlab`` command: list what exists, run an experiment, build a comparison table."""
+"""The ``kdlab`` command: list what exists, run an experiment, build a comparison table, export
+a student and write its model card."""
 
 from __future__ import annotations
 
@@ -10,12 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from kdlab.errors import KdlabError
 from kdlab.registry import Registry
 
-KINDS = ("methods", "models", "datasets", "schemes", "callbacks", "lm-losses", "lm-models", "experiments", "tables")
+KINDS = (
+    "methods",
+    "models",
+    "datasets",
+    "schemes",
+    "callbacks",
+    "lm-losses",
+    "lm-models",
+    "export-formats",
+    "experiments",
+    "tables",
+)
 
 
 def _registry(kind: str) -> Registry[Any]:
@@ -50,6 +63,10 @@ def _registry(kind: str) -> Registry[Any]:
         from kdlab.lm.models import LM_PRESETS
 
         return LM_PRESETS
+    if kind == "export-formats":
+        from kdlab.deploy import EXPORT_FORMATS
+
+        return EXPORT_FORMATS
     from kdlab.catalog import experiment_registry, table_registry
 
     return experiment_registry() if kind == "experiments" else table_registry()
@@ -203,9 +220,10 @@ def _slurm_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_table(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.catalog import is_lm_experiment
     from kdlab.grid_run import run_grid_table
     from kdlab.paper_tables import GridSpec
-    from kdlab.tables import find_table, plan_table, run_table, write_outputs
+    from kdlab.tables import add_cards, find_table, plan_table, run_table, write_outputs
 
     spec = find_table(args.name, args.scale)
     seeds = list(range(args.seeds if args.seeds is not None else spec.seeds))
@@ -214,12 +232,16 @@ def cmd_table(args: argparse.Namespace, console: Console) -> int:
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     slurm = _slurm_options(args)
     if isinstance(spec, GridSpec):
+        if args.card:
+            raise KdlabError(f"--card applies to row tables; '{spec.name}' is a paper (grid) table")
         files = run_grid_table(
             spec, seeds, args.overrides, Path(args.out), console, slurm, only, args.dry_run, args.collect
         )
         return 0 if files else 1
     if args.collect:
         raise KdlabError(f"--collect applies to paper (grid) tables; '{spec.name}' is a row table")
+    if args.card and any(is_lm_experiment(row.experiment) for row in spec.rows):
+        raise KdlabError(f"--card measures classifier students; table '{spec.name}' has language-model rows")
     if args.dry_run:
         for cell, plan in plan_table(spec, seeds, args.overrides, only):
             run = plan.stage_run(cell.row.stage)
@@ -227,6 +249,8 @@ def cmd_table(args: argparse.Namespace, console: Console) -> int:
             console.print(f"{cell.row.label}, seed {cell.seed}: {cell.row.experiment} {cell.row.overrides} -> {state}")
         return 0
     result = run_table(spec, seeds, args.overrides, console, slurm, only)
+    if args.card:
+        add_cards(result, console)
     write_outputs(result, Path(args.out), console)
     return 1 if any(cell.error for cell in result.cells) else 0
 
@@ -282,6 +306,40 @@ def cmd_cache(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.deploy.export import export_run
+
+    written = export_run(args.run, args.format, args.int8, args.data_root, args.min_agreement, args.calibration_samples)
+    table = Table(title=f"{written[0].path.parent}: the student alone, checked against PyTorch")
+    for column in ("file", "size", "split", "top-1 agreement (%)", "max |Δlogit|", "top-1 (%)", "PyTorch top-1 (%)"):
+        table.add_column(column, justify="left" if column in ("file", "split") else "right")
+    for item in written:
+        parity = item.parity
+        table.add_row(
+            item.path.name,
+            f"{item.size_bytes / 1024:.1f} KB",
+            f"{item.split} ({parity.samples})",
+            f"{parity.agreement:.2f}",
+            f"{parity.max_abs_diff:.2g}",
+            f"{parity.exported_top1:.2f}",
+            f"{parity.reference_top1:.2f}",
+        )
+    console.print(table)
+    for item in written[1:]:
+        console.print(f"{item.precision}: top-1 drop {item.parity.top1_drop:+.2f} points against the float student")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace, console: Console) -> int:
+    from kdlab.deploy.card import build_card, render_markdown, write_card
+
+    card = build_card(args.run, args.data_root, args.runs, args.warmup, args.threads)
+    write_card(card)
+    console.print(Markdown(render_markdown(card, f"Model card: {card.run_dir}")))
+    console.print(f"written: {card.run_dir / 'card.md'}, card.png, card.json; card/* keys in metrics.json")
+    return 0
+
+
 SLURM_FLAGS = ("partition", "gpus_per_node", "nodes", "time", "cpus_per_task")
 
 
@@ -324,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--only", default=None, help="comma-separated rows/methods to run, e.g. kd,crd,teacher")
     table.add_argument("--dry-run", action="store_true", help="list every cell, its config and run; train nothing")
     table.add_argument("--collect", action="store_true", help="render the finished cells only; train nothing")
+    table.add_argument(
+        "--card", action="store_true", help="add the students' model-card columns (latency, speed-up, memory, size)"
+    )
     _add_launcher_options(table)
     table.set_defaults(handler=cmd_table)
 
@@ -358,6 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", type=Path, default=None, help="store folder (default: <runs>/stores/<key>)")
     cache.add_argument("--device", default="cpu", help="where the teacher runs (cpu, cuda)")
     cache.set_defaults(handler=cmd_cache)
+
+    export = commands.add_parser(
+        "export", help="write a finished run's student as ONNX or TorchScript (optionally int8), parity-checked"
+    )
+    export.add_argument("run", type=Path, help="a finished student run folder (runs/<experiment>/<hash>)")
+    export.add_argument("--format", required=True, help="onnx or torchscript (`kdlab list export-formats`)")
+    export.add_argument(
+        "--int8",
+        nargs="?",
+        const="static",
+        default=None,
+        help="also write an int8 model: static (calibrated activations; the default) or dynamic",
+    )
+    export.add_argument("--data-root", default=None, help="data.root of the run's dataset (never part of a run)")
+    export.add_argument(
+        "--min-agreement", type=float, default=99.5, help="%% top-1 agreement a float file must reach (99.5)"
+    )
+    export.add_argument("--calibration-samples", type=int, default=512, help="training samples for static int8")
+    export.set_defaults(handler=cmd_export)
+
+    card = commands.add_parser("card", help="a student's model card: accuracy vs teacher, size, latency, memory")
+    card.add_argument("run", type=Path, help="a finished student run folder (runs/<experiment>/<hash>)")
+    card.add_argument("--data-root", default=None, help="data.root of the run's dataset (never part of a run)")
+    card.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per model (median kept)")
+    card.add_argument("--warmup", type=int, default=20, help="untimed calls first")
+    card.add_argument("--threads", type=int, default=1, help="CPU threads for every model (1: one phone core)")
+    card.set_defaults(handler=cmd_card)
     return parser
 
 

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +63,13 @@ COLUMNS: dict[str, Column] = {
     "agreement": Column("Teacher agreement (%)", "test/agreement", lambda v: f"{v:.2f}"),
     "kl": Column("KL(teacher‖student) (nats/token)", "test/kl", lambda v: f"{v:.3f}"),
     "train_minutes": Column("Train (min)", "wall_seconds", lambda v: f"{v / 60:.1f}"),
+    # The student's model card (`kdlab card`, or `kdlab table --card`): batch-1 CPU inference.
+    "latency_ms": Column("Latency, batch 1 (ms)", "card/latency_ms", lambda v: f"{v:.3f}"),
+    "speedup": Column("Speed-up vs teacher", "card/speedup", lambda v: f"{v:.1f}x"),
+    "memory_mb": Column("Peak memory (MiB)", "card/peak_memory_mb", lambda v: f"{v:.1f}"),
+    "disk_kb": Column("Size, fp32 (KB)", "card/size_bytes", lambda v: f"{v / 1024:.1f}", spread=False),
 }
+CARD_COLUMNS = ("latency_ms", "speedup", "memory_mb", "disk_kb")
 STAGES = ("student", "teacher")
 
 
@@ -94,6 +100,7 @@ class Cell:
     metrics: dict[str, Any] | None = None
     run_dir: Path | None = None
     error: str | None = None
+    data_root: str | None = None  # where the cell's dataset lives (a model card reads it again)
 
 
 @dataclass
@@ -194,7 +201,7 @@ def plan_table(
                 raise ConfigError(
                     f"table '{spec.name}', row '{row.label}': method '{cell_method(plan, 'student')}' has no teacher"
                 )
-            planned.append((Cell(row, seed), plan))
+            planned.append((Cell(row, seed, data_root=getattr(plan.config.data, "root", None)), plan))
     if only:
         names = {cell_method(p, c.row.stage) for c, p in planned}
         for name in only:
@@ -237,6 +244,21 @@ def _run_here(planned: list[tuple[Cell, Plan]], console: Console) -> None:
             console.print(f"[red]cell failed[/red]: {cell.error} (run folder {cell.run_dir})")
 
 
+def add_cards(result: TableResult, console: Console) -> None:
+    """Measure the model card of every finished student cell that has none yet (``kdlab card``
+    re-measures one), and show the card columns after the table's own."""
+    from kdlab.deploy.card import build_card, write_card
+
+    for cell in result.cells:
+        if cell.metrics is None or cell.run_dir is None or cell.row.stage != "student":
+            continue
+        if "card/latency_ms" not in cell.metrics:
+            console.print(f"[bold]model card[/bold]: {cell.row.label}, seed {cell.seed}")
+            cell.metrics = {**cell.metrics, **write_card(build_card(cell.run_dir, cell.data_root))}
+    spec = result.spec
+    result.spec = replace(spec, columns=(*spec.columns, *(c for c in CARD_COLUMNS if c not in spec.columns)))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -257,7 +279,7 @@ def summarize(result: TableResult) -> tuple[list[str], list[list[str]], list[dic
         record["seeds_done"], record["seeds_failed"] = len(done), len(failed)
         for name in spec.columns:
             column = COLUMNS[name]
-            values = [float(m[column.metric]) for m in done if column.metric in m]
+            values = [float(m[column.metric]) for m in done if m.get(column.metric) is not None]
             if not values:
                 line.append("failed" if failed else "—")
                 continue
