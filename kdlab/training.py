@@ -6,11 +6,13 @@ import copy
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.loggers import Logger
 
 from kdlab.callbacks import AtomicCheckpoint, BestEpochTest, EpochSeed
 from kdlab.config import RuntimeConfig, TrainConfig
@@ -44,6 +46,57 @@ def _attempt_number(run: Run) -> int:
     return 1 + (sum(1 for p in logs.glob("attempt-*") if p.is_dir()) if logs.exists() else 0)
 
 
+def run_callbacks(run: Run, seed: int) -> list[Callback]:
+    """The callbacks every run has: the epoch checkpoint and per-epoch reseeding."""
+    return [
+        # No monitor and top-1: "last.ckpt" is rewritten (atomically, sharded ones too) every epoch.
+        AtomicCheckpoint(
+            dirpath=run.checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+        ),
+        EpochSeed(seed),
+    ]
+
+
+def progress_bar(console_kwargs: dict[str, Any] | None = None) -> RichProgressBar:
+    """The bar a run shows at a terminal (``console_kwargs``: where Rich draws it)."""
+    return RichProgressBar(leave=True, console_kwargs=console_kwargs)
+
+
+def make_trainer(
+    train: TrainConfig,
+    runtime: RuntimeConfig,
+    root: Path,
+    loggers: list[Logger],
+    callbacks: list[Callback],
+    validate: bool,
+) -> L.Trainer:
+    """The Trainer of every run (one place, so benchmarks time the loop users get); it shows a
+    progress bar exactly when ``callbacks`` holds one."""
+    devices, nodes = devices_and_nodes(runtime)
+    return L.Trainer(
+        max_epochs=train.epochs,
+        accelerator=runtime.accelerator,
+        devices=devices,
+        num_nodes=nodes,
+        strategy=build_strategy(runtime),
+        # BatchNorm statistics over the global batch, as on one process (DDP; the sharding
+        # strategies keep per-rank statistics).
+        sync_batchnorm=strategy_name(runtime) == "ddp" and devices * nodes > 1,
+        use_distributed_sampler=False,  # the data module shards by rank itself (kdlab/data/base.py)
+        precision=train.precision,  # type: ignore[arg-type]
+        gradient_clip_val=train.gradient_clip_val,
+        logger=loggers or False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        enable_model_summary=False,
+        log_every_n_steps=runtime.log_every_n_steps,
+        default_root_dir=str(root),
+        deterministic=runtime.deterministic,
+    )
+
+
 def fit_and_test(
     system: L.LightningModule,
     datamodule: ClassificationDataModule,
@@ -68,43 +121,13 @@ def fit_and_test(
     attempt = _attempt_number(run)
     writer = is_global_zero(runtime)
     loggers = make_loggers(run.dir, runtime, name, job_type, run.spec, attempt) if writer else []
-    callbacks = [
-        *(callbacks or []),
-        # No monitor and top-1: "last.ckpt" is rewritten (atomically, sharded ones too) every epoch.
-        AtomicCheckpoint(
-            dirpath=run.checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
-        ),
-        EpochSeed(seed),
-    ]
+    callbacks = [*(callbacks or []), *run_callbacks(run, seed)]
     best_epoch = BestEpochTest() if train.test_every_epoch and test else None
     if best_epoch is not None:
         callbacks.append(best_epoch)
-    show_progress = runtime.progress and sys.stdout.isatty()  # a bar in a log file is just noise
-    if show_progress:
-        callbacks.append(RichProgressBar(leave=True))
-    devices, nodes = devices_and_nodes(runtime)
-    trainer = L.Trainer(
-        max_epochs=train.epochs,
-        accelerator=runtime.accelerator,
-        devices=devices,
-        num_nodes=nodes,
-        strategy=build_strategy(runtime),
-        # BatchNorm statistics over the global batch, as on one process (DDP; the sharding
-        # strategies keep per-rank statistics).
-        sync_batchnorm=strategy_name(runtime) == "ddp" and devices * nodes > 1,
-        use_distributed_sampler=False,  # the data module shards by rank itself (kdlab/data/base.py)
-        precision=train.precision,  # type: ignore[arg-type]
-        gradient_clip_val=train.gradient_clip_val,
-        logger=loggers or False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if datamodule.has_validation else 0,
-        enable_progress_bar=show_progress,
-        enable_model_summary=False,
-        log_every_n_steps=runtime.log_every_n_steps,
-        default_root_dir=str(run.dir),
-        deterministic=runtime.deterministic,
-    )
+    if runtime.progress and sys.stdout.isatty():  # a bar in a log file is just noise
+        callbacks.append(progress_bar())
+    trainer = make_trainer(train, runtime, run.dir, loggers, callbacks, datamodule.has_validation)
     L.seed_everything(seed, workers=True, verbose=False)
     trained = copy.deepcopy(system) if wraps_model(runtime) else system
     started = time.perf_counter()
