@@ -169,7 +169,7 @@ def _fake_quantizers(model: nn.Module) -> list[tuple[str, TrainOnlyFakeQuantize]
     return [(name, module) for name, module in model.named_modules() if isinstance(module, TrainOnlyFakeQuantize)]
 
 
-def convert_to_int8(model: nn.Module) -> nn.Module:
+def convert_to_int8(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The real int8 model of a trained :func:`prepare_fake_quant` model, in eval mode on CPU.
 
     Conv and linear layers become ``torch.ao.nn.quantized`` modules with qint8 per-channel weights
@@ -178,6 +178,9 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     construction, activations by a quantized clamp after every op that creates them (the kernels
     themselves saturate at 255 only), so the int8 model computes the network the fake-quant model
     computes in eval mode. The fake-quant model is not modified.
+
+    ``state_dict``: a saved int8 model's state (weights, scales, zero points), loaded before the
+    clamps are derived from the scales; this rebuilds a saved int8 model from its architecture.
     """
     quantizers = _fake_quantizers(model)
     if not quantizers:
@@ -191,6 +194,8 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
     activation_max = max(q.quant_max for _, q in quantizers if q.dtype == torch.quint8)
     with _quiet_deprecations():
         int8_model = convert_fx(copy.deepcopy(model).cpu().eval())
+        if state_dict is not None:
+            int8_model.load_state_dict(state_dict)
     if activation_max < 255:
         _clip_activations(int8_model, activation_max)
     return int8_model

@@ -61,7 +61,7 @@ def test_card_numbers_match_the_run_folders(kd_run: Path) -> None:
     assert {k: v for k, v in student_metrics.items() if k.startswith("card/")} == metrics
     assert student_metrics["test/top1"] == card.student.top1
     markdown = (kd_run / "card.md").read_text()
-    assert "| Top-1, test (%) |" in markdown and "x faster |" in markdown and "student.int8-dynamic.onnx" in markdown
+    assert "| Top-1, test (%) |" in markdown and "x speed-up |" in markdown and "student.int8-dynamic.onnx" in markdown
     assert (kd_run / "card.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((kd_run / "card.json").read_text())["card/params"] == 15_210
 

@@ -16,11 +16,12 @@ import onnxruntime
 import pytest
 import torch
 import yaml
-from deploy_runs import mnist1d_kd_run, resnet8x4_run, write_fake_cifar100
+from deploy_runs import QUIET, mnist1d_kd_run, resnet8x4_run, write_fake_cifar100
 from fakedata import accept_written_cifar
 from torch import nn
 from torchvision.datasets import CIFAR100
 
+from kdlab.catalog import load_experiment
 from kdlab.config import DataConfig
 from kdlab.data import create_datamodule
 from kdlab.deploy.export import export_run, read_exports
@@ -29,6 +30,7 @@ from kdlab.deploy.formats import EXPORT_FORMATS, ExportError, failed_op
 from kdlab.errors import ConfigError, UnknownNameError
 from kdlab.modelio import save_model
 from kdlab.models import create_model
+from kdlab.pipeline import run_experiment
 
 KDLAB = Path(sys.executable).parent / "kdlab"
 
@@ -247,3 +249,27 @@ def test_a_file_that_disagrees_is_not_kept(mnist1d_run: Path, monkeypatch: pytes
         export_run(mnist1d_run, "onnx")
     assert (target.read_bytes() if target.exists() else None) == before
     assert not list(target.parent.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_a_quantized_scheme_student_exports_its_int8_model_to_torchscript_only(tmp_path: Path) -> None:
+    """The saved int8 model is rebuilt exactly (its test top-1 is the run's int8 top-1); ONNX
+    names the torch int8 layer it cannot express."""
+    outcome = run_experiment(
+        load_experiment(
+            "mnist1d-quantized",
+            [f"runtime.runs_dir={tmp_path}", "teacher.train.epochs=2", "student.train.epochs=2", *QUIET],
+        )
+    )
+    run = outcome.student_run.dir
+    (written,) = export_run(run, "torchscript")
+    assert written.precision == "int8-qat" and written.parity.agreement == 100.0
+    module = torch.jit.load(str(written.path))
+    datamodule = create_datamodule(DataConfig(name="mnist1d"), 0)
+    test = list(datamodule.test_dataloader())
+    correct = sum((module(b["input"]).argmax(1) == b["target"]).sum().item() for b in test)
+    assert 100 * correct / sum(len(b["target"]) for b in test) == pytest.approx(outcome.student["test/int8/top1"])
+    with pytest.raises(ExportError, match=r"ONNX cannot express torch's int8 op of layer 'layer1\.0'"):
+        export_run(run, "onnx")
+    with pytest.raises(ConfigError, match="is already int8 \\(quantized scheme, 8 bits\\)"):
+        export_run(run, "torchscript", "static")

@@ -29,6 +29,7 @@ from kdlab.deploy.latency import (
     onnx_peak_memory_mb,
     peak_memory_mb,
     torch_threads,
+    torchscript_peak_memory_mb,
 )
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_json, atomic_write_text
@@ -160,7 +161,7 @@ def card_rows(card: Card) -> tuple[list[str], list[list[str]]]:
         row("Top-1, test (%)", _top1, student.top1, t.top1, gap),
         row("Parameters", _params, student.params, t.params, ratio(student.params, t.params)),
         row(
-            "Size on disk (fp32 weights)",
+            "Size on disk (weights, torch.save)",
             _mb,
             student.size_bytes,
             t.size_bytes,
@@ -171,7 +172,7 @@ def card_rows(card: Card) -> tuple[list[str], list[list[str]]]:
             lambda v: f"{v:.3f}",
             student.latency_ms,
             t.latency_ms,
-            f"{t.latency_ms / student.latency_ms:.1f}x faster" if teacher is not None else "",
+            f"{t.latency_ms / student.latency_ms:.2f}x speed-up" if teacher is not None else "",
         ),
         row(
             "Peak memory, batch-1 inference (MiB)",
@@ -215,12 +216,19 @@ def machine_line(threads: int, runs: int, warmup: int) -> str:
 
 
 def _cost(
-    label: str, top1: float | None, model: nn.Module, example: torch.Tensor, runs: int, warmup: int, threads: int
+    label: str,
+    top1: float | None,
+    params: int,
+    model: nn.Module,
+    example: torch.Tensor,
+    runs: int,
+    warmup: int,
+    threads: int,
 ) -> ModelCost:
     return ModelCost(
         label,
         top1,
-        count_parameters(model),
+        params,
         model_size_bytes(model),
         median_latency_ms(eager_runner(model), example, runs, warmup),
         peak_memory_mb(model, example, threads),
@@ -240,7 +248,8 @@ def _teacher_costs(student: FinishedStudent, runs: int, warmup: int, threads: in
         model = load_teacher_model(run_dir, spec, datamodule.num_classes).eval()
         top1 = json.loads((run_dir / "metrics.json").read_text()).get("test/top1")
         example = torch.zeros(1, *shape)
-        costs.append(_cost(spec["model"]["name"], top1, model, example, runs, warmup, threads))
+        params = count_parameters(model)
+        costs.append(_cost(spec["model"]["name"], top1, params, model, example, runs, warmup, threads))
     return costs
 
 
@@ -254,7 +263,8 @@ def _export_costs(student: FinishedStudent, runs: int, warmup: int, threads: int
         if not path.exists():
             continue
         runner = EXPORT_FORMATS.get(entry["format"])().load(path, threads)
-        memory = onnx_peak_memory_mb(path, example, threads) if entry["format"] == "onnx" else None
+        probe = onnx_peak_memory_mb if entry["format"] == "onnx" else torchscript_peak_memory_mb
+        memory = probe(path, example, threads)
         latency = median_latency_ms(runner, example, runs, warmup)
         costs.append(
             ExportCost(
@@ -272,9 +282,11 @@ def build_card(
         raise ConfigError(f"--runs and --threads must be >= 1 and --warmup >= 0, got {runs}, {threads}, {warmup}")
     student = load_finished_student(run_dir, data_root)
     with torch_threads(threads):
+        label = student.name + (f" (int8, {student.quantized['bits']}-bit weights)" if student.quantized else "")
         own = _cost(
-            student.name,
-            student.metrics.get("test/top1"),
+            label,
+            student.top1,
+            student.params,
             student.model,
             student.example_input(),
             runs,

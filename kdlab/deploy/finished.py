@@ -21,7 +21,7 @@ from kdlab.config import DataConfig
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.modelio import load_model_weights
-from kdlab.models import create_model
+from kdlab.models import count_parameters, create_model
 from kdlab.runs import TEACHER_GROUP, check_checkpoint
 
 
@@ -39,6 +39,12 @@ class FinishedStudent:
     model: nn.Module  # eval mode, CPU; int8 for a quantized-scheme run
     datamodule: ClassificationDataModule
     quantized: dict[str, Any] | None  # the quantized scheme's bits, when the student is int8
+    params: int  # of the architecture (an int8 model keeps its weights in packed buffers instead)
+
+    @property
+    def top1(self) -> float | None:
+        """The deployed model's test top-1: the int8 model's for a quantized-scheme run."""
+        return self.metrics.get("test/int8/top1" if self.quantized else "test/top1")
 
     @property
     def name(self) -> str:
@@ -103,16 +109,14 @@ def build_student(spec: dict[str, Any], num_classes: int) -> nn.Module:
 def load_int8_student(
     model: nn.Module, options: dict[str, Any], state: dict[str, Any], example: torch.Tensor
 ) -> nn.Module:
-    """Rebuild a quantized-scheme student: the same fake-quant graph, converted, then the saved
-    int8 state (weights, scales, zero points) loaded over it."""
+    """Rebuild a quantized-scheme student: the same fake-quant graph (one forward gives every
+    quantizer a range, so it converts), converted with the saved int8 state loaded over it."""
     from kdlab.quantization import convert_to_int8, prepare_fake_quant
 
     fake_quant = prepare_fake_quant(model, options["bits"], example, options.get("activation_bits"))
     with torch.no_grad():
-        fake_quant(example)  # a range for every quantizer, so it converts; the loaded state replaces them
-    int8 = convert_to_int8(fake_quant)
-    int8.load_state_dict(state)
-    return int8
+        fake_quant(example)
+    return convert_to_int8(fake_quant, state)
 
 
 def load_finished_student(run_dir: str | Path, data_root: str | None = None) -> FinishedStudent:
@@ -122,6 +126,7 @@ def load_finished_student(run_dir: str | Path, data_root: str | None = None) -> 
     check_student_run(run_dir, spec)
     datamodule = run_datamodule(spec, data_root)
     model = build_student(spec, datamodule.num_classes)
+    params = count_parameters(model)
     payload = check_checkpoint(run_dir / "model.pt")
     quantized = payload.get("quantized")
     if quantized is None:
@@ -129,4 +134,4 @@ def load_finished_student(run_dir: str | Path, data_root: str | None = None) -> 
     else:
         model = load_int8_student(model, quantized, payload["state_dict"], torch.zeros(2, *datamodule.input_shape))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return FinishedStudent(run_dir, spec, metrics, model.eval(), datamodule, quantized)
+    return FinishedStudent(run_dir, spec, metrics, model.eval(), datamodule, quantized, params)

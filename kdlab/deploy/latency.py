@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,12 +71,29 @@ def _probe(arguments: list[str]) -> float | None:
 
 
 def peak_memory_mb(model: nn.Module, example: torch.Tensor, threads: int = 1) -> float | None:
-    """Peak resident memory (MiB) that loading ``model`` and one batch-1 forward add."""
+    """Peak resident memory (MiB) that loading ``model`` and one batch-1 forward add.
+
+    The child unpickles the whole module (any architecture); a module that does not survive
+    pickling (torch's int8 FX graphs) is measured as its TorchScript trace instead."""
     with tempfile.TemporaryDirectory() as scratch:
         model_file, input_file = Path(scratch) / "model.pt", Path(scratch) / "input.pt"
-        torch.save(model, model_file)  # the whole module: any architecture, int8 graphs included
         torch.save(example, input_file)
-        return _probe(["torch", str(model_file), str(input_file), str(threads)])
+        torch.save(model, model_file)
+        try:
+            return _probe(["torch", str(model_file), str(input_file), str(threads)])
+        except RuntimeError:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+                torch.jit.save(torch.jit.trace(model.eval(), example), str(model_file))
+            return _probe(["torchscript", str(model_file), str(input_file), str(threads)])
+
+
+def torchscript_peak_memory_mb(path: Path, example: torch.Tensor, threads: int = 1) -> float | None:
+    """Peak resident memory (MiB) that ``torch.jit.load`` of ``path`` and one run add."""
+    with tempfile.TemporaryDirectory() as scratch:
+        input_file = Path(scratch) / "input.pt"
+        torch.save(example, input_file)
+        return _probe(["torchscript", str(path), str(input_file), str(threads)])
 
 
 def onnx_peak_memory_mb(path: Path, example: torch.Tensor, threads: int = 1) -> float | None:

@@ -1,6 +1,6 @@
 """Child process of :mod:`kdlab.deploy.latency`: peak memory of loading a model and running it.
 
-    python -m kdlab.deploy.memory_probe torch|onnx MODEL_FILE INPUT_FILE THREADS
+    python -m kdlab.deploy.memory_probe torch|torchscript|onnx MODEL_FILE INPUT_FILE THREADS
 
 Prints ``{"peak_mb": ...}``: the growth of peak RSS over the RSS before loading (after the
 runtime's import), or ``null`` where ``/proc/self/clear_refs`` cannot reset the peak.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ def _reset_peak() -> bool:
 
 
 def main(kind: str, model_file: str, input_file: str, threads: int) -> float | None:
+    warnings.simplefilter("ignore")  # torch.jit's deprecation notices; stdout carries the result
     torch.set_num_threads(threads)
     example = torch.load(input_file)
     if kind == "onnx":
@@ -42,8 +44,11 @@ def main(kind: str, model_file: str, input_file: str, threads: int) -> float | N
     if not _reset_peak():
         return None
     before = _status_kib("VmRSS")
-    if kind == "torch":
-        model = torch.load(model_file, weights_only=False).eval()
+    if kind in ("torch", "torchscript"):
+        if kind == "torch":
+            model = torch.load(model_file, weights_only=False).eval()
+        else:
+            model = torch.jit.load(model_file).eval()
         with torch.inference_mode():
             for _ in range(3):
                 model(example)

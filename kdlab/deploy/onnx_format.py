@@ -35,6 +35,18 @@ class _Calibration:
         return None if batch is None else {INPUT: batch.numpy()}
 
 
+def _refuse_torch_int8(model: nn.Module) -> None:
+    """torch's int8 layers (a quantized-scheme student) run packed kernels with no ONNX form."""
+    for name, layer in model.named_modules():
+        kind = type(layer)
+        if kind.__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+            raise ExportError(
+                f"ONNX cannot express torch's int8 op of layer '{name}' ({kind.__module__}.{kind.__name__}):"
+                " this student is a torch int8 model; export it with --format torchscript, or export a float"
+                " student with --int8 for onnxruntime's own int8"
+            )
+
+
 @EXPORT_FORMATS.register()
 class OnnxFormat(ExportFormat):
     """ONNX (opset of torch's exporter), run with onnxruntime; int8 by onnxruntime's quantizer."""
@@ -43,6 +55,7 @@ class OnnxFormat(ExportFormat):
     suffix = ".onnx"
 
     def export(self, model: nn.Module, example: torch.Tensor, path: Path) -> None:
+        _refuse_torch_int8(model)
         batch = torch.export.Dim("batch")
         try:
             # The exporter prints its progress on stdout; kdlab prints its own table instead.
