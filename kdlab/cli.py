@@ -326,7 +326,11 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(table)
     for item in written[1:]:
-        console.print(f"{item.precision}: top-1 drop {item.parity.top1_drop:+.2f} points against the float student")
+        drops = {item.split: item.parity, "test": item.test}
+        console.print(
+            f"{item.precision}: top-1 drop against the float student "
+            + ", ".join(f"{p.top1_drop:+.2f} points on {split} ({p.samples})" for split, p in drops.items())
+        )
     return 0
 
 

@@ -65,11 +65,14 @@ def pytorch_student(run: Path, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def evaluation_batches(run: Path, root: Path | None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """The split the export's parity check uses (validation if held out, else test)."""
+def evaluation_batches(
+    run: Path, root: Path | None, split: str = "parity"
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The split the export's parity check uses (validation if held out, else test), or ``test``."""
     spec = yaml.safe_load((run / "config.yaml").read_text())
     datamodule = create_datamodule(DataConfig(**{**spec["data"], "root": root, "augment": False}), spec["seed"])
-    loader = datamodule.val_dataloader() if datamodule.has_validation else datamodule.test_dataloader()
+    validation = split == "parity" and datamodule.has_validation
+    loader = datamodule.val_dataloader() if validation else datamodule.test_dataloader()
     batches = list(loader)
     return [b["input"] for b in batches], [b["target"] for b in batches], datamodule.num_classes
 
@@ -83,9 +86,9 @@ def file_runner(path: Path) -> Iterator[torch.Tensor]:
     return lambda x: module(x).detach()  # type: ignore[return-value]
 
 
-def compare(run: Path, path: Path, root: Path | None) -> tuple[float, float, float, float]:
+def compare(run: Path, path: Path, root: Path | None, split: str = "parity") -> tuple[float, float, float, float]:
     """Agreement (%), max |Δ|, PyTorch top-1 and the file's top-1 on the parity split, computed here."""
-    inputs, targets, classes = evaluation_batches(run, root)
+    inputs, targets, classes = evaluation_batches(run, root, split)
     model, runner = pytorch_student(run, classes), file_runner(path)
     agree = correct_ref = correct_file = total = 0
     diff = 0.0
@@ -157,6 +160,9 @@ def test_mnist1d_int8_files_for_both_formats_and_modes(mnist1d_run: Path) -> Non
             assert int8.precision == f"int8-{mode}" and int8.parity.agreement == pytest.approx(agreement)
             assert int8.parity.top1_drop == pytest.approx(reference - exported)
             assert agreement > 80  # int8 rounding moves only close calls
+            agreement, _, reference, exported = compare(mnist1d_run, int8.path, None, "test")
+            assert int8.test.samples == 1000 and int8.test.agreement == pytest.approx(agreement)
+            assert int8.test.top1_drop == pytest.approx(reference - exported)
 
 
 def test_cli_export_prints_the_parity_table(mnist1d_run: Path) -> None:

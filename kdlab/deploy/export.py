@@ -4,8 +4,9 @@ Files go to ``<run>/export/`` (``student.onnx``, ``student.int8-static.onnx``, .
 written to a temporary name, run over the validation split (the test split where the run held
 none out) beside the PyTorch student, and renamed into place only if a float file agrees with
 PyTorch on at least ``min_agreement`` % of the samples' top-1. An int8 file is kept whatever
-its agreement: its accuracy drop is the number the user wants. ``export/report.json`` records
-every file's size and parity.
+its agreement: its accuracy drop is the number the user wants, reported on the validation and
+the (larger, untouched by training) test split. ``export/report.json`` records every file's size
+and parity.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ExportedFile:
     size_bytes: int
     split: str
     parity: Parity
+    test: Parity  # the test split too (the same as ``parity`` when the run held nothing out)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class ExportedFile:
             "size_bytes": self.size_bytes,
             "split": self.split,
             **self.parity.as_dict(),
+            "test": self.test.as_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
@@ -93,17 +96,19 @@ def _write_checked(
     try:
         write(temporary)
         split, loader = parity_split(student)
-        parity = check_parity(student.model, export_format.load(temporary), loader)
+        runner = export_format.load(temporary)
+        parity = check_parity(student.model, runner, loader)
         if min_agreement is not None and parity.agreement < min_agreement:
             raise ExportError(
                 f"{path.name} disagrees with the PyTorch student of run {student.run_dir}: top-1 agreement"
                 f" {parity.agreement:.2f}% < {min_agreement}% on {parity.samples} {split} samples (largest logit"
                 f" difference {parity.max_abs_diff:.3g}); nothing was written"
             )
+        test = parity if split == "test" else check_parity(student.model, runner, student.datamodule.test_dataloader())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return ExportedFile(path, export_format.name, precision, path.stat().st_size, split, parity)
+    return ExportedFile(path, export_format.name, precision, path.stat().st_size, split, parity, test)
 
 
 def export_run(
