@@ -94,14 +94,27 @@ def write_cifar10(root: Path, per_batch: int = 8, n_test: int = 10, seed: int = 
     return FakeCifar(root, train_data, train_labels, test_data, test_labels)
 
 
-def write_cifar100(root: Path, n_train: int = 50, n_test: int = 20, seed: int = 1) -> FakeCifar:
-    """``root/cifar-100-python``: train, test, meta; coarse label = fine // 5 (not the real map)."""
+def _learnable_images(rng: np.random.Generator, templates: np.ndarray, labels: list[int]) -> np.ndarray:
+    """Each image its class's solid colour, 30% of it replaced by noise: a model learns the classes
+    in a few steps (crops and flips keep a colour) and then predicts many different ones."""
+    noise = _images(rng, len(labels)).astype(np.float64)
+    return (0.7 * templates[labels] + 0.3 * noise).astype(np.uint8)
+
+
+def write_cifar100(
+    root: Path, n_train: int = 50, n_test: int = 20, seed: int = 1, learnable_classes: int | None = None
+) -> FakeCifar:
+    """``root/cifar-100-python``: train, test, meta; coarse label = fine // 5 (not the real map).
+    ``learnable_classes=k``: labels in 0..k-1 and images made from per-class templates."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
+    colours = rng.integers(0, 256, size=(learnable_classes or 0, 3, 1)).astype(np.float64)
+    templates = np.repeat(colours, 32 * 32, axis=2).reshape(-1, 3 * 32 * 32) if learnable_classes else None
     splits = {}
     for name, n in (("train", n_train), ("test", n_test)):
-        data, fine = _images(rng, n), rng.integers(0, 100, n).tolist()
+        fine = rng.integers(0, learnable_classes or 100, n).tolist()
+        data = _images(rng, n) if templates is None else _learnable_images(rng, templates, fine)
         labels = {"fine_labels": fine, "coarse_labels": [f // 5 for f in fine]}
         write_pickle(folder / name, _batch(name, data, labels))
         splits[name] = (data, fine)

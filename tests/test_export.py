@@ -130,6 +130,9 @@ def test_resnet8x4_exports_load_and_agree(
     assert written.split == "test"  # the CIFAR protocol holds nothing out
     agreement, diff, reference, exported = compare(resnet_run, written.path, cifar_root)
     assert agreement >= 99.5 and diff < 1e-3
+    inputs, _, _ = evaluation_batches(resnet_run, cifar_root)
+    predictions = torch.cat([pytorch_student(resnet_run, 100)(x).argmax(1) for x in inputs])
+    assert predictions.unique().numel() >= 8  # agreement over many classes, not one repeated guess
     assert written.parity.samples == 200 and written.parity.agreement == pytest.approx(agreement)
     assert (written.parity.reference_top1, written.parity.exported_top1) == pytest.approx((reference, exported))
     runner = file_runner(written.path)
