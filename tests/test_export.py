@@ -9,7 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime
@@ -77,13 +77,14 @@ def evaluation_batches(
     return [b["input"] for b in batches], [b["target"] for b in batches], datamodule.num_classes
 
 
-def file_runner(path: Path) -> Iterator[torch.Tensor]:
+def file_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The written file, opened with onnxruntime or torch.jit directly (not through kdlab)."""
     if path.suffix == ".onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])  # type: ignore[return-value]
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     module = torch.jit.load(str(path)).eval()
-    return lambda x: module(x).detach()  # type: ignore[return-value]
+    return lambda x: module(x).detach()
 
 
 def compare(run: Path, path: Path, root: Path | None, split: str = "parity") -> tuple[float, float, float, float]:
@@ -103,7 +104,7 @@ def compare(run: Path, path: Path, root: Path | None, split: str = "parity") -> 
     return 100 * agree / total, diff, 100 * correct_ref / total, 100 * correct_file / total
 
 
-@pytest.mark.parametrize("format_name", ["onnx", "torchscript"])
+@pytest.mark.parametrize("format_name", EXPORT_FORMATS.names())  # every registered format
 def test_mnist1d_student_exports_load_and_agree(mnist1d_run: Path, format_name: str) -> None:
     (written,) = export_run(mnist1d_run, format_name)
     assert written.path == mnist1d_run / "export" / f"student{EXPORT_FORMATS.get(format_name).suffix}"
@@ -196,6 +197,8 @@ def test_bad_options_and_folders_are_refused_before_loading(mnist1d_run: Path, t
         export_run(mnist1d_run, "onxx")
     with pytest.raises(UnknownNameError, match="unknown int8 mode 'statc'; did you mean 'static'"):
         export_run(mnist1d_run, "onnx", "statc")
+    with pytest.raises(ConfigError, match="--calibration-samples must be at least 1, got 0"):
+        export_run(mnist1d_run, "onnx", "static", calibration_samples=0)
     with pytest.raises(ConfigError, match="is not a kdlab run folder"):
         export_run(tmp_path, "onnx")
     teacher = mnist1d_run.parent.parent / "teachers"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,15 @@ def calibration_batches(student: FinishedStudent, samples: int) -> list[torch.Te
     return batches
 
 
-def check_options(format_name: str, int8: str | None, min_agreement: float) -> ExportFormat:
+def check_options(format_name: str, int8: str | None, min_agreement: float, calibration_samples: int) -> ExportFormat:
     """Every option, before any model is loaded or written."""
     export_format = EXPORT_FORMATS.get(format_name)()
     if int8 is not None and int8 not in INT8_MODES:
         raise unknown("int8 mode", int8, INT8_MODES)
     if not 0 <= min_agreement <= 100:
         raise ConfigError(f"--min-agreement is a percentage in [0, 100], got {min_agreement}")
+    if calibration_samples < 1:
+        raise ConfigError(f"--calibration-samples must be at least 1, got {calibration_samples}")
     return export_format
 
 
@@ -88,7 +91,7 @@ def _write_checked(
     export_format: ExportFormat,
     path: Path,
     precision: str,
-    write: Any,
+    write: Callable[[Path], None],
     min_agreement: float | None,
 ) -> ExportedFile:
     """``write(tmp)`` then parity; renamed into place if it passes (``None``: always kept)."""
@@ -121,7 +124,7 @@ def export_run(
 ) -> list[ExportedFile]:
     """Write the student of a finished run in ``format_name`` (and int8 with ``int8``), each
     file checked against PyTorch; returns what was written, float first."""
-    export_format = check_options(format_name, int8, min_agreement)
+    export_format = check_options(format_name, int8, min_agreement, calibration_samples)
     student = load_finished_student(run_dir, data_root)
     if int8 is not None and student.quantized is not None:
         raise ConfigError(
