@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -285,3 +287,19 @@ def test_a_quantized_scheme_student_exports_its_int8_model_to_torchscript_only(t
         export_run(run, "onnx")
     with pytest.raises(ConfigError, match="is already int8 \\(quantized scheme, 8 bits\\)"):
         export_run(run, "torchscript", "static")
+
+
+@pytest.mark.slow
+def test_a_byot_student_exports_without_its_exit_heads(tmp_path: Path) -> None:
+    """Self-distillation trains exit heads on the student (8K parameters beside its 5.2K); the
+    exported file holds the student's weights alone and has one output, the logits."""
+    overrides = [f"runtime.runs_dir={tmp_path}", "student.train.epochs=1", *QUIET]
+    run = run_experiment(load_experiment("mnist1d-byot", overrides)).student_run.dir
+    (written,) = export_run(run, "onnx")
+    graph = onnx.load(str(written.path)).graph
+    exported = sum(int(np.prod(tensor.dims)) for tensor in graph.initializer)
+    student = sum(p.numel() for p in pytorch_student(run, 10).parameters())
+    trained = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    exits = sum(v.numel() for k, v in trained.items() if ".exits." in k or k.startswith("exits."))
+    assert exits > student and student <= exported < student + 32  # a few shape constants besides
+    assert [output.name for output in graph.output] == ["logits"]
