@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakedata import FakeCifar, accept_written_cifar, write_cifar10, write_cifar100, write_image_folder
+from torch.utils.data import default_collate
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from kdlab.config import DataConfig
@@ -311,3 +312,17 @@ def test_mnist1d_datamodule_leaves_global_rngs_alone(tmp_path: Path, monkeypatch
     random.seed(123)
     assert after == (np.random.random(4).tolist(), random.random())
     assert len(datamodule.train_set) == 360 and datamodule.num_classes == 10  # type: ignore[arg-type]
+
+
+def test_tensor_splits_load_whole_batches_equal_to_collated_samples() -> None:
+    """MNIST-1D and synthetic splits are fetched a batch at a time; the batches must be the ones
+    the per-sample path collates, value for value and dtype for dtype, in the sampler's order."""
+    datamodule = create_datamodule(DataConfig(name="synthetic", batch_size=8, kwargs={"num_samples": 40}))
+    datamodule.setup()
+    assert datamodule.train_set.in_tensors  # type: ignore[union-attr]
+    for batch in datamodule.train_dataloader():
+        indices = batch["index"].tolist()
+        expected = default_collate([datamodule.train_set[i] for i in indices])  # type: ignore[index]
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
