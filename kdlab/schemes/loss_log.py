@@ -37,7 +37,7 @@ class LossLog:
         if module.trainer.is_global_zero:
             for logger in module.loggers:
                 logger.log_metrics(record, step=step)
-        if "loss" in terms:
+        if "loss" in terms and module.trainer.progress_bar_callback is not None:  # only the bar shows it
             module.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, on_step=True)
 
     def log_epoch(self, module: L.LightningModule) -> None:
