@@ -24,7 +24,6 @@ from timm.data import Mixup
 from kdlab.config import MixConfig
 from kdlab.data.base import Batch
 from kdlab.errors import ConfigError
-from kdlab.schemes.teacher import StoredTeacher
 
 if TYPE_CHECKING:
     from kdlab.schemes.base import SystemParts
@@ -111,6 +110,9 @@ def check_mixing(parts: SystemParts, own_step: bool = False) -> None:
         raise ConfigError("train.mix (mixup/cutmix) is not supported on paired data: teacher and student inputs differ")
     if parts.honour_labelled and parts.labelled_fraction < 1.0:
         raise ConfigError("train.mix (mixup/cutmix) is not supported when some samples are unlabelled")
+    # Here, not at the top: kdlab.schemes imports this module while it initialises.
+    from kdlab.schemes.teacher import StoredTeacher
+
     if any(isinstance(t, StoredTeacher) for t in parts.teachers):
         raise ConfigError(
             "train.mix (mixup/cutmix) needs the teacher's outputs on the mixed inputs: use teacher.source=model, "
