@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from report import markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdlab.catalog import load_experiment
@@ -180,16 +180,11 @@ def report(results: list[Result], flops: dict[int, int], peak: float, device_nam
         ]
         for r in results
     ]
-    table = Table(title=f"{teacher} -> resnet8x4 KD step on {device_name}; bf16 matmul peak {peak:.1f} TFLOP/s")
-    for column in header:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=140).print(table)
+    title = f"{teacher} -> resnet8x4 KD step on {device_name}; bf16 matmul peak {peak:.1f} TFLOP/s"
+    Console(width=140).print(rich_table(title, header, rows))
     per_step = ", ".join(f"batch {b}: {f / 1e12:.3f} TFLOP" for b, f in flops.items())
     print(f"\nFLOPs per step (FlopCounterMode, forward + backward): {per_step}\n")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print(markdown_table(header, rows))
 
 
 def parse_args() -> argparse.Namespace:

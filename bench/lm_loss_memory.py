@@ -25,8 +25,8 @@ import textwrap
 import time
 
 import torch
+from report import markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 
 from kdlab.losses.lm import LM_LOSSES
 
@@ -154,19 +154,13 @@ def main() -> int:
         "time ratio",
         "loss rel. diff",
     )
-    table = Table(title=f"{args.loss}, N = {args.tokens} bf16 tokens, forward + backward")
-    for column in header:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    Console().print(rich_table(f"{args.loss}, N = {args.tokens} bf16 tokens, forward + backward", header, rows))
     print(
         f"\n{args.loss}, N = {args.tokens}, {args.rounds} rounds x {args.repeats} timed steps (medians), "
         f"{args.threads} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
     )
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print(markdown_table(header, rows))
     return 0
 
 

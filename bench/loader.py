@@ -33,8 +33,8 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
+from report import markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from steps import one_step
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
@@ -184,19 +184,14 @@ def main() -> int:
             torch.manual_seed(0)
             table_rows += pair_rows(name, PAIRS[name], root, str(Path(tmp) / "runs"), args)
     header = ("data", "workers", "batch", "loader samples/s", "KD step samples/s", "loader / step")
-    table = Table(title="Train loader vs KD training step, samples/s (median of rounds)")
-    for column in header:
-        table.add_column(column, justify="left" if column in ("data", "workers") else "right")
-    for row in table_rows:
-        table.add_row(*row)
-    Console(width=120).print(table)
+    title = "Train loader vs KD training step, samples/s (median of rounds)"
+    Console(width=120).print(rich_table(title, header, table_rows, left=("data", "workers")))
     print(
         f"\n{args.rounds} rounds (median); fake CIFAR-100 of {args.samples} training images; "
         f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"lightning {lightning.__version__}, {time.strftime('%Y-%m-%d')}\n"
     )
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in table_rows))
+    print(markdown_table(header, table_rows))
     return 0
 
 

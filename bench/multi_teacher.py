@@ -25,8 +25,8 @@ import tempfile
 import time
 
 import torch
+from report import markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from steps import one_step
 
 from kdlab.catalog import load_experiment
@@ -110,10 +110,8 @@ def main() -> int:
     parser.add_argument("--step-batch", type=int, help="batch size of the step (default: the experiment's)")
     args = parser.parse_args()
     counts = [int(n) for n in args.teachers.split(",")]
-    table = Table(title="Multi-teacher forward: vmap-ed vs loop (median of rounds)")
-    for column in ("teachers", "N", "loop (ms)", "vmap (ms)", "vmap / loop"):
-        table.add_column(column, justify="left" if column == "teachers" else "right")
-    lines = ["| teachers | N | loop (ms) | vmap (ms) | vmap / loop |", "|---|---|---|---|---|"]
+    header = ("teachers", "N", "loop (ms)", "vmap (ms)", "vmap / loop")
+    rows = []
     for model in args.models.split(","):
         shape, classes = CASES[model]
         inputs = torch.randn(*shape)
@@ -126,17 +124,16 @@ def main() -> int:
                 times["loop"].append(timed(slow, inputs))
                 times["vmap"].append(timed(fast, inputs))
             loop, vmap = statistics.median(times["loop"]), statistics.median(times["vmap"])
-            row = [model, str(count), f"{1000 * loop:.1f}", f"{1000 * vmap:.1f}", f"{vmap / loop:.2f}"]
-            table.add_row(*row)
-            lines.append("| " + " | ".join(row) + " |")
+            rows.append([model, str(count), f"{1000 * loop:.1f}", f"{1000 * vmap:.1f}", f"{vmap / loop:.2f}"])
             print(f"{model} x{count} done", file=sys.stderr, flush=True)
-    Console().print(table)
+    title = "Multi-teacher forward: vmap-ed vs loop (median of rounds)"
+    Console().print(rich_table(title, header, rows, left=header[:1]))
     print(
         f"\n{args.rounds} rounds, input batch {', '.join(f'{m} {CASES[m][0]}' for m in args.models.split(','))}; "
         f"{torch.get_num_threads()} threads; {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}\n"
     )
-    print("\n".join(lines))
+    print(markdown_table(header, rows))
     if args.step:
         print_steps([row for m in args.models.split(",") for row in step_rows(m, counts, args.rounds, args.step_batch)])
     return 0
@@ -144,15 +141,10 @@ def main() -> int:
 
 def print_steps(rows: list[list[str]]) -> None:
     header = ("teachers -> student experiment", "N", "loop step (ms)", "vmap step (ms)", "vmap / loop")
-    table = Table(title="Multi-teacher KD training step: vectorize=true vs false (median of rounds)")
-    for column in header:
-        table.add_column(column, justify="left" if column.startswith("teachers") else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=120).print(table)
+    title = "Multi-teacher KD training step: vectorize=true vs false (median of rounds)"
+    Console(width=120).print(rich_table(title, header, rows, left=header[:1]))
     print()
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 import torchdistill
 from lightning.pytorch.callbacks import Callback
+from report import markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from steps import one_step
 from torch import nn
 from torchdistill.core.distillation import DistillationBox
@@ -445,20 +445,15 @@ def main() -> int:
             if args.profile:
                 print(profile_trainer(setup, steps, args.profile))
     header = ("pair", "system", "median step (ms)", "IQR / median", "vs bare loop", "vs floor")
-    table = Table(title="KD step: kdlab vs bare PyTorch, the floor and torchdistill (median of rounds)")
-    for column in header:
-        table.add_column(column, justify="left" if column in ("pair", "system") else "right")
-    for row in table_rows:
-        table.add_row(*row)
-    Console(width=120).print(table)
+    title = "KD step: kdlab vs bare PyTorch, the floor and torchdistill (median of rounds)"
+    Console(width=120).print(rich_table(title, header, table_rows, left=("pair", "system")))
     print("\n".join(goal_lines))
     print(
         f"\n{args.rounds} rounds (median); {'; '.join(threads)}; {platform.machine()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, lightning {lightning.__version__}, torchdistill {torchdistill.__version__}, "
         f"{time.strftime('%Y-%m-%d')}\n"
     )
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in table_rows))
+    print(markdown_table(header, table_rows))
     return 0
 
 

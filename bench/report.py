@@ -1,0 +1,23 @@
+"""How a benchmark shows its result: a rich table at the terminal, and the same rows as a
+markdown table to paste into RESULTS.md."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from rich.table import Table
+
+
+def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], left: Collection[str] = ()) -> Table:
+    """Columns named in ``left`` are left-aligned (labels); the rest, numbers, right-aligned."""
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column in left else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
