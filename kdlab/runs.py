@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from filelock import FileLock
 
 from kdlab.config import config_hash, to_yaml
-from kdlab.errors import CheckpointError
+from kdlab.errors import CheckpointError, ConfigError
 from kdlab.files import atomic_write_json, atomic_write_text, restore_replaced_folder
 
 TEACHER_GROUP = "teachers"
@@ -96,6 +97,17 @@ class Run:
         if not self.last_checkpoint.exists():
             return None
         return self.last_checkpoint, int(check_checkpoint(self.last_checkpoint).get("epoch", 0))
+
+
+def read_run_spec(run_dir: Path) -> dict[str, Any]:
+    """A run folder's resolved config (what ``kdlab cache``, ``export`` and ``card`` start from),
+    or a one-line error saying why ``run_dir`` is not a run folder."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise ConfigError(f"{run_dir} is not a kdlab run folder (no config.yaml)")
+    return yaml.safe_load(config.read_text())
 
 
 # A sharded checkpoint (FSDP2, DeepSpeed) is a folder of per-rank files; this one holds the

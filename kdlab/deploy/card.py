@@ -25,11 +25,10 @@ from kdlab.deploy.export import EXPORT_DIR, read_exports
 from kdlab.deploy.finished import FinishedStudent, load_finished_student
 from kdlab.deploy.latency import (
     eager_runner,
+    file_peak_memory_mb,
     median_latency_ms,
-    onnx_peak_memory_mb,
     peak_memory_mb,
     torch_threads,
-    torchscript_peak_memory_mb,
 )
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_json, atomic_write_text
@@ -262,8 +261,7 @@ def _export_costs(student: FinishedStudent, runs: int, warmup: int, threads: int
         if not path.exists():
             continue
         runner = EXPORT_FORMATS.get(entry["format"])().load(path, threads)
-        probe = onnx_peak_memory_mb if entry["format"] == "onnx" else torchscript_peak_memory_mb
-        memory = probe(path, example, threads)
+        memory = file_peak_memory_mb(entry["format"], path, example, threads)  # formats are probe kinds
         latency = median_latency_ms(runner, example, runs, warmup)
         costs.append(
             ExportCost(

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from kdlab.config import DataConfig
@@ -22,7 +21,7 @@ from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.modelio import load_model_weights
 from kdlab.models import count_parameters, create_model
-from kdlab.runs import TEACHER_GROUP, check_checkpoint
+from kdlab.runs import TEACHER_GROUP, check_checkpoint, read_run_spec
 
 
 class NotFinishedError(KdlabError):
@@ -62,16 +61,6 @@ class FinishedStudent:
         teachers = self.spec.get("teachers") or ([self.spec["teacher"]] if "teacher" in self.spec else [])
         hashes = [h for entry in teachers for h in entry.get("ensemble", [entry.get("run")]) if h]
         return [self.run_dir.parent.parent / TEACHER_GROUP / h for h in hashes]
-
-
-def read_run_spec(run_dir: Path) -> dict[str, Any]:
-    """The run's resolved config, or a one-line error saying why ``run_dir`` is not a run."""
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist")
-    config = run_dir / "config.yaml"
-    if not config.exists():
-        raise ConfigError(f"{run_dir} is not a kdlab run folder (no config.yaml)")
-    return yaml.safe_load(config.read_text())
 
 
 def check_student_run(run_dir: Path, spec: dict[str, Any]) -> None:

@@ -61,10 +61,15 @@ def eager_runner(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _probe(arguments: list[str]) -> float | None:
-    """Run the memory probe; ``None`` where the OS cannot reset its peak-RSS counter."""
-    command = [sys.executable, "-m", "kdlab.deploy.memory_probe", *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+def file_peak_memory_mb(kind: str, path: Path, example: torch.Tensor, threads: int = 1) -> float | None:
+    """Peak resident memory (MiB) that loading the file ``path`` and one run on ``example`` add;
+    ``kind``: ``torch`` (a pickled module), ``torchscript`` or ``onnx``. ``None`` where the OS
+    cannot reset its peak-RSS counter."""
+    with tempfile.TemporaryDirectory() as scratch:
+        input_file = Path(scratch) / "input.pt"
+        torch.save(example, input_file)
+        command = [sys.executable, "-m", "kdlab.deploy.memory_probe", kind, str(path), str(input_file), str(threads)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -76,29 +81,12 @@ def peak_memory_mb(model: nn.Module, example: torch.Tensor, threads: int = 1) ->
     The child unpickles the whole module (any architecture); a module that does not survive
     pickling (torch's int8 FX graphs) is measured as its TorchScript trace instead."""
     with tempfile.TemporaryDirectory() as scratch:
-        model_file, input_file = Path(scratch) / "model.pt", Path(scratch) / "input.pt"
-        torch.save(example, input_file)
+        model_file = Path(scratch) / "model.pt"
         torch.save(model, model_file)
         try:
-            return _probe(["torch", str(model_file), str(input_file), str(threads)])
+            return file_peak_memory_mb("torch", model_file, example, threads)
         except RuntimeError:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's deprecation notices
                 torch.jit.save(torch.jit.trace(model.eval(), example), str(model_file))
-            return _probe(["torchscript", str(model_file), str(input_file), str(threads)])
-
-
-def torchscript_peak_memory_mb(path: Path, example: torch.Tensor, threads: int = 1) -> float | None:
-    """Peak resident memory (MiB) that ``torch.jit.load`` of ``path`` and one run add."""
-    with tempfile.TemporaryDirectory() as scratch:
-        input_file = Path(scratch) / "input.pt"
-        torch.save(example, input_file)
-        return _probe(["torchscript", str(path), str(input_file), str(threads)])
-
-
-def onnx_peak_memory_mb(path: Path, example: torch.Tensor, threads: int = 1) -> float | None:
-    """Peak resident memory (MiB) that an onnxruntime session of ``path`` and one run add."""
-    with tempfile.TemporaryDirectory() as scratch:
-        input_file = Path(scratch) / "input.pt"
-        torch.save(example, input_file)
-        return _probe(["onnx", str(path), str(input_file), str(threads)])
+            return file_peak_memory_mb("torchscript", model_file, example, threads)

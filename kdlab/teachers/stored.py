@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.progress import track
@@ -28,6 +27,7 @@ from kdlab.errors import ConfigError
 from kdlab.files import file_sha256
 from kdlab.modelio import load_model_weights
 from kdlab.models import create_model
+from kdlab.runs import read_run_spec
 
 # What decides the training samples and their order; batch sizes and workers do not.
 STORE_DATA_KEYS = ("name", "kwargs", "val_fraction", "split_seed", "augment")
@@ -52,10 +52,7 @@ def check_deterministic(datamodule: ClassificationDataModule, data: DataConfig) 
 
 def read_teacher_run(run_dir: Path) -> dict[str, Any]:
     """The spec of a finished teacher run, or a one-line error saying why it is not one."""
-    config = run_dir / "config.yaml"
-    if not config.exists():
-        raise ConfigError(f"{run_dir} is not a kdlab run folder (no config.yaml)")
-    spec = yaml.safe_load(config.read_text())
+    spec = read_run_spec(run_dir)
     if spec.get("stage") != "teacher":
         raise ConfigError(
             f"{run_dir} is a {spec.get('stage', 'unknown')} run, not a teacher run (runs/teachers/<hash>)"
