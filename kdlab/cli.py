@@ -309,7 +309,10 @@ def cmd_cache(args: argparse.Namespace, console: Console) -> int:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from kdlab.deploy.export import export_run
 
-    written = export_run(args.run, args.format, args.int8, args.data_root, args.min_agreement, args.calibration_samples)
+    with console.status(f"exporting {args.run} and checking it against PyTorch"):
+        written = export_run(
+            args.run, args.format, args.int8, args.data_root, args.min_agreement, args.calibration_samples
+        )
     table = Table(title=f"{written[0].path.parent}: the student alone, checked against PyTorch")
     for column in ("file", "size", "split", "top-1 agreement (%)", "max |Δlogit|", "top-1 (%)", "PyTorch top-1 (%)"):
         table.add_column(column, justify="left" if column in ("file", "split") else "right")
@@ -337,7 +340,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 def cmd_card(args: argparse.Namespace, console: Console) -> int:
     from kdlab.deploy.card import build_card, render_markdown, write_card
 
-    card = build_card(args.run, args.data_root, args.runs, args.warmup, args.threads)
+    with console.status(f"timing {args.run}: the student, its teacher(s) and exported files, {args.runs} calls each"):
+        card = build_card(args.run, args.data_root, args.runs, args.warmup, args.threads)
     write_card(card)
     console.print(Markdown(render_markdown(card, f"Model card: {card.run_dir}")))
     console.print(f"written: {card.run_dir / 'card.md'}, card.png, card.json; card/* keys in metrics.json")
