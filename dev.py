@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -21,6 +22,17 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".kdlab-installed"
+VENV_GIB = 7.0  # a new .venv with torch's CUDA wheel is 6.2 GiB; pip unpacks beside it
+
+
+def check_disk_for_venv() -> None:
+    """Stop with the numbers before pip fills the disk halfway through an install."""
+    free_gib = shutil.disk_usage(ROOT).free / 2**30
+    if free_gib < VENV_GIB:
+        sys.exit(
+            f"not enough disk for {VENV}: {free_gib:.1f} GiB free on {ROOT}'s disk, "
+            f"about {VENV_GIB:.0f} GiB needed (torch and the test tools); free some space and rerun"
+        )
 
 
 def run(*command: str | Path) -> None:
@@ -34,6 +46,7 @@ def ensure_venv() -> None:
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not (BIN / "python").exists():
+        check_disk_for_venv()
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
