@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import textwrap
-import time
 
 import torch
-from report import markdown_table, rich_table
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
 
 from kdlab.losses.lm import LM_LOSSES
@@ -157,8 +154,7 @@ def main() -> int:
     Console().print(rich_table(f"{args.loss}, N = {args.tokens} bf16 tokens, forward + backward", header, rows))
     print(
         f"\n{args.loss}, N = {args.tokens}, {args.rounds} rounds x {args.repeats} timed steps (medians), "
-        f"{args.threads} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"{args.threads} threads; {machine_line()}\n"
     )
     print(markdown_table(header, rows))
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
-from report import markdown_table, rich_table
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
 from steps import one_step
 from torch.utils.data import DataLoader
@@ -188,8 +187,7 @@ def main() -> int:
     Console(width=120).print(rich_table(title, header, table_rows, left=("data", "workers")))
     print(
         f"\n{args.rounds} rounds (median); fake CIFAR-100 of {args.samples} training images; "
-        f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"lightning {lightning.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"{machine_line(lightning)}\n"
     )
     print(markdown_table(header, table_rows))
     return 0

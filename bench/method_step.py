@@ -14,17 +14,14 @@ Models are untrained and the data random (shapes are what costs time); CRD's mem
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 
 import lightning
 import torch
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from steps import one_step
 
 from kdlab.catalog import load_experiment
@@ -72,21 +69,17 @@ def main() -> int:
         print(f"round {round_ + 1}/{args.warmup + args.rounds} done", file=sys.stderr, flush=True)
 
     base = statistics.median(times["ce"])
-    table = Table(title=f"{args.pair}, batch {args.batch}: step time per method")
-    for column in ("method", "median step (ms)", "ratio to CE-only student"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    lines = ["| method | median step (ms) | ratio to CE-only student |", "|---|---|---|"]
+    header = ("method", "median step (ms)", "ratio to CE-only student")
+    rows = []
     for method in methods:
         median = statistics.median(times[method])
-        table.add_row(method, f"{1000 * median:.0f}", f"{median / base:.2f}")
-        lines.append(f"| {method} | {1000 * median:.0f} | {median / base:.2f} |")
-    Console().print(table)
+        rows.append((method, f"{1000 * median:.0f}", f"{median / base:.2f}"))
+    Console().print(rich_table(f"{args.pair}, batch {args.batch}: step time per method", header, rows, left=header[:1]))
     print(
         f"\n{args.pair}, batch {args.batch}, {args.rounds} timed rounds (median), {torch.get_num_threads()} threads; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"lightning {lightning.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"{machine_line(lightning)}\n"
     )
-    print("\n".join(lines))
+    print(markdown_table(header, rows))
     return 0
 
 

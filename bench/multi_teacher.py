@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
-from report import markdown_table, rich_table
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
 from steps import one_step
 
@@ -130,8 +129,7 @@ def main() -> int:
     Console().print(rich_table(title, header, rows, left=header[:1]))
     print(
         f"\n{args.rounds} rounds, input batch {', '.join(f'{m} {CASES[m][0]}' for m in args.models.split(','))}; "
-        f"{torch.get_num_threads()} threads; {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}\n"
+        f"{torch.get_num_threads()} threads; {machine_line()}\n"
     )
     print(markdown_table(header, rows))
     if args.step:

@@ -32,7 +32,6 @@ import io
 import itertools
 import logging
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import torchdistill
 from lightning.pytorch.callbacks import Callback
-from report import markdown_table, rich_table
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
 from steps import one_step
 from torch import nn
@@ -448,11 +447,7 @@ def main() -> int:
     title = "KD step: kdlab vs bare PyTorch, the floor and torchdistill (median of rounds)"
     Console(width=120).print(rich_table(title, header, table_rows, left=("pair", "system")))
     print("\n".join(goal_lines))
-    print(
-        f"\n{args.rounds} rounds (median); {'; '.join(threads)}; {platform.machine()}, {os.cpu_count()} cores; "
-        f"torch {torch.__version__}, lightning {lightning.__version__}, torchdistill {torchdistill.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}\n"
-    )
+    print(f"\n{args.rounds} rounds (median); {'; '.join(threads)}; {machine_line(lightning, torchdistill)}\n")
     print(markdown_table(header, table_rows))
     return 0
 

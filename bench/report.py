@@ -3,8 +3,13 @@ markdown table to paste into RESULTS.md."""
 
 from __future__ import annotations
 
+import os
+import platform
+import time
 from collections.abc import Collection, Sequence
+from types import ModuleType
 
+import torch
 from rich.table import Table
 
 
@@ -21,3 +26,9 @@ def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def machine_line(*packages: ModuleType) -> str:
+    """Where and with what a figure was measured: RESULTS.md records it beside every table."""
+    versions = ", ".join(f"{package.__name__} {package.__version__}" for package in (torch, *packages))
+    return f"{platform.machine()}, {os.cpu_count()} cores; {versions}; {time.strftime('%Y-%m-%d')}"

@@ -13,8 +13,6 @@ job (teacher forward + write). Models are untrained and the data random: only sh
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,8 +21,8 @@ from pathlib import Path
 
 import lightning
 import torch
+from report import machine_line, markdown_table, rich_table
 from rich.console import Console
-from rich.table import Table
 from steps import one_step
 
 from kdlab.cache import SoftLabelStore, write_store
@@ -104,30 +102,23 @@ def main() -> int:
 
     console = Console()
     base = statistics.median(times["vanilla student (CE)"])
-    steps = Table(title=f"{args.pair}, batch {args.batch}: step time")
-    for column in ("system", "median step (ms)", "ratio to vanilla student"):
-        steps.add_column(column, justify="left" if column == "system" else "right")
-    lines = ["| system | median step (ms) | ratio to vanilla student |", "|---|---|---|"]
+    step_header = ("system", "median step (ms)", "ratio to vanilla student")
+    step_rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        steps.add_row(name, f"{1000 * median:.0f}", f"{median / base:.2f}")
-        lines.append(f"| {name} | {1000 * median:.0f} | {median / base:.2f} |")
-    console.print(steps)
-    header = ("store", "bytes/sample", "write samples/s (logits)", "write MB/s", "samples/s (teacher + write)")
-    sizes = Table(title=f"stores of {args.samples} samples x {datamodule.num_classes} classes")
-    for column in header:
-        sizes.add_column(column, justify="left" if column == "store" else "right")
-    for row in store_rows:
-        sizes.add_row(*row)
-    console.print(sizes)
+        step_rows.append((name, f"{1000 * median:.0f}", f"{median / base:.2f}"))
+    step_title = f"{args.pair}, batch {args.batch}: step time"
+    console.print(rich_table(step_title, step_header, step_rows, left=step_header[:1]))
+    store_header = ("store", "bytes/sample", "write samples/s (logits)", "write MB/s", "samples/s (teacher + write)")
+    store_title = f"stores of {args.samples} samples x {datamodule.num_classes} classes"
+    console.print(rich_table(store_title, store_header, store_rows, left=store_header[:1]))
     print(
         f"\n{args.pair}, batch {args.batch}, {args.rounds} timed rounds (median), {torch.get_num_threads()} threads; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"lightning {lightning.__version__}, {time.strftime('%Y-%m-%d')}\n"
+        f"{machine_line(lightning)}\n"
     )
-    print("\n".join(lines))
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in store_rows))
+    print(markdown_table(step_header, step_rows))
+    print()
+    print(markdown_table(store_header, store_rows))
     return 0
 
 
