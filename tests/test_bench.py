@@ -1,5 +1,6 @@
-"""Every benchmark script runs end to end at its smallest size and prints its table with finite,
-positive numbers, so the scripts cannot rot between the runs that fill bench/RESULTS.md."""
+"""Every benchmark script (all but ``steps`` and ``report``, which the others import) runs end to
+end at its smallest size and prints its table with finite, positive numbers, so the scripts cannot
+rot between the runs that fill bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -88,3 +89,37 @@ def test_gpu_kd_step_dry_run_covers_the_grid_and_writes_json(tmp_path: Path) -> 
         assert_positive(row[4:])
     payload = json.loads(out_file.read_text())
     assert payload["dry_run"] and len(payload["results"]) == 8 and payload["matmul_bf16_tflops"] > 0
+
+
+@pytest.mark.slow
+def test_method_step_times_each_named_method_against_the_ce_student() -> None:
+    args = ("--methods", "ce,kd,dkd", "--batch", "4", "--rounds", "1", "--warmup", "0", "--samples", "64")
+    rows = markdown_rows(run_bench("method_step.py", *args), "method")
+    assert [r[0] for r in rows] == ["ce", "kd", "dkd"]
+    assert rows[0][2] == "1.00"  # the CE-only student is the unit
+    for row in rows:
+        assert_positive(row[1:])
+
+
+@pytest.mark.slow
+def test_store_kd_times_the_three_systems_and_sizes_the_stores() -> None:
+    args = ("--batch", "4", "--rounds", "1", "--warmup", "0", "--samples", "64")
+    out = run_bench("store_kd.py", *args)
+    steps = markdown_rows(out, "system")
+    assert [r[0] for r in steps] == ["vanilla student (CE)", "online KD", "KD from the store"]
+    for row in steps:
+        assert_positive(row[1:])
+    stores = {r[0]: r for r in markdown_rows(out, "store")}
+    assert set(stores) == {"full fp16", "full fp32", "top-10 fp16"}
+    assert int(stores["full fp32"][1]) > int(stores["full fp16"][1]) > int(stores["top-10 fp16"][1]) > 0
+    for row in stores.values():
+        assert_positive([row[2], row[4]])  # MB/s rounds to 0 at 64 samples
+
+
+@pytest.mark.slow
+def test_lm_loss_memory_compares_the_chunked_loss_with_the_naive_one() -> None:
+    args = ("--tokens", "64", "--vocab", "512", "--rounds", "1", "--repeats", "1")
+    rows = markdown_rows(run_bench("lm_loss_memory.py", *args), "V")
+    assert [r[0] for r in rows] == ["512"]
+    assert_positive([rows[0][2], rows[0][3], rows[0][4], rows[0][7]])
+    assert float(rows[0][8]) < 1e-4  # both forms compute the same loss
