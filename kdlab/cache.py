@@ -79,20 +79,38 @@ def open_stored_array(
     return array
 
 
+def seal_arrays(folder: Path, arrays: dict[str, np.memmap]) -> dict[str, dict[str, Any]]:
+    """Flush and fsync every array file of a store being written, and describe each (shape, dtype,
+    sha256) for its manifest: the manifest is written last, so it vouches only for what is on disk."""
+    files = {}
+    for name, array in arrays.items():
+        array.flush()
+        with open(folder / name, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": file_sha256(folder / name)}
+    return files
+
+
+def read_manifest(path: Path, expected_format: str, what: str, rewrite_hint: str) -> dict[str, Any]:
+    """The manifest of a finished store; a missing one means the write was interrupted."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise ConfigError(
+            f"{path} is not a finished {what} (no {MANIFEST}; a store gets its manifest last, so an"
+            f" interrupted write leaves none): write it again {rewrite_hint}"
+        )
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    if manifest.get("format") != expected_format:
+        raise ConfigError(f"{path}: store format {manifest.get('format')!r}, expected {expected_format!r}")
+    return manifest
+
+
 class SoftLabelStore:
     """A finished store, opened read-only and memory-mapped; checked against its manifest."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists():
-            raise ConfigError(
-                f"{self.path} is not a finished soft-label store (no {MANIFEST}; a store gets its manifest"
-                " last, so an interrupted `kdlab cache` leaves none): write it again with `kdlab cache`"
-            )
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != STORE_FORMAT:
-            raise ConfigError(f"{self.path}: store format {self.manifest.get('format')!r}, expected {STORE_FORMAT!r}")
+        self.manifest = read_manifest(self.path, STORE_FORMAT, "soft-label store", "with `kdlab cache`")
         self.arrays = {name: open_stored_array(self.path, name, info) for name, info in self.manifest["files"].items()}
         self.num_samples: int = self.manifest["num_samples"]
         self.num_classes: int = self.manifest["num_classes"]
@@ -182,16 +200,7 @@ class StoreWriter:
         """Flush, hash, write the manifest, and move the folder to its path (replacing an old store)."""
         if self.written != self.num_samples:
             raise ValueError(f"store got {self.written} of {self.num_samples} samples")
-        files = {}
-        for name, array in self.arrays.items():
-            array.flush()
-            with open(self.tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-            files[name] = {
-                "shape": list(array.shape),
-                "dtype": str(array.dtype),
-                "sha256": file_sha256(self.tmp / name),
-            }
+        files = seal_arrays(self.tmp, self.arrays)
         self.arrays.clear()
         manifest = {
             **manifest,

@@ -39,9 +39,7 @@ after its manifest is complete: an interrupted write leaves nothing at the path 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -54,13 +52,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdlab.cache import open_stored_array
+from kdlab.cache import MANIFEST, open_stored_array, read_manifest, seal_arrays
 from kdlab.config import config_hash
 from kdlab.errors import ConfigError
-from kdlab.files import atomic_write_json, file_sha256, replace_folder
+from kdlab.files import atomic_write_json, replace_folder
 
 LM_STORE_FORMAT = "kdlab-lm-store/1"
-MANIFEST = "manifest.json"
 MODES = ("topk", "sample")
 MISSING = ("residual", "renormalize")
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -222,16 +219,7 @@ class LMStoreWriter:
                 f"LM store {self.path} got {int(self.written.sum())} of {self.num_samples} samples"
                 f" (first missing index {int(missing[0])}); give the whole training split"
             )
-        files = {}
-        for name, array in self.arrays.items():
-            array.flush()
-            with open(self.tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-            files[name] = {
-                "shape": list(array.shape),
-                "dtype": str(array.dtype),
-                "sha256": file_sha256(self.tmp / name),
-            }
+        files = seal_arrays(self.tmp, self.arrays)
         valid_tokens = int(np.count_nonzero(self.arrays["valid.npy"]))
         self.arrays.clear()
         full = {
@@ -352,17 +340,7 @@ class LMSoftLabelStore:
 
     def __init__(self, path: str | Path, verify: bool = False) -> None:
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists():
-            raise ConfigError(
-                f"{self.path} is not a finished LM soft-label store (no {MANIFEST}; a store gets its manifest"
-                " last, so an interrupted write leaves none): write it again"
-            )
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != LM_STORE_FORMAT:
-            raise ConfigError(
-                f"{self.path}: store format {self.manifest.get('format')!r}, expected {LM_STORE_FORMAT!r}"
-            )
+        self.manifest = read_manifest(self.path, LM_STORE_FORMAT, "LM soft-label store", "with `kdlab run`")
         self.mode: str = self.manifest["mode"]
         self.num_samples: int = self.manifest["num_samples"]
         self.seq_len: int = self.manifest["seq_len"]
