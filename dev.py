@@ -79,7 +79,7 @@ def main() -> int:
     else:
         run(BIN / "ruff", "check", ".")
         start_local_slurm()
-        run(BIN / "python", "-m", "pytest", *extra)
+        run(BIN / "python", "-m", "pytest", "--durations=25", *extra)  # the slowest tests, to keep CI in time
     return 0
 
 
