@@ -326,3 +326,36 @@ def test_tensor_splits_load_whole_batches_equal_to_collated_samples() -> None:
         assert batch.keys() == expected.keys()
         for key, value in expected.items():
             assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+
+
+@pytest.mark.parametrize("size", [1, 5, 7, 8, 13])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_sharded_evaluation_counts_every_sample_exactly_once(size: int, world: int, batch_size: int) -> None:
+    """Ranks evaluate as many batches each (sharded models forward in lockstep), so a split that
+    does not divide by the world repeats samples; the repeats are the rows counted_rows drops."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kdlab.data.base import IndexedDataset, RankShard, ShardedSequence, collate, counted_rows
+
+    split = IndexedDataset(TensorDataset(torch.randn(size, 3), torch.zeros(size)))
+    seen: list[int] = []
+    batches_per_rank = set()
+    for rank in range(world):
+        sampler = ShardedSequence(size, RankShard(rank, world))
+        loader = DataLoader(split, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        batches = list(loader)
+        batches_per_rank.add(len(batches))
+        for batch_idx, batch in enumerate(batches):
+            counted = counted_rows(loader, batch_idx, len(batch["index"]))
+            seen += batch["index"][counted if counted is not None else slice(None)].tolist()
+    assert len(batches_per_rank) == 1
+    assert sorted(seen) == list(range(size))
+
+
+def test_a_loader_without_a_sharded_sampler_counts_every_row() -> None:
+    from torch.utils.data import DataLoader
+
+    from kdlab.data.base import counted_rows
+
+    assert counted_rows(DataLoader(list(range(10)), batch_size=4), 2, 2) is None

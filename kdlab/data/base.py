@@ -134,13 +134,15 @@ class RankShard:
         if self.world == 1:
             return order
         total = self.length(len(order)) * self.world
-        padded = order + order[: total - len(order)]
+        padded = [order[i % len(order)] for i in range(total)]  # cycles: a split may be smaller than world
         return padded[self.rank : total : self.world]
 
 
 class ShardedSequence(Sampler[int]):
-    """Rank ``r``'s share of ``0..size-1`` in order (evaluation on several processes; padding
-    repeats a few samples when ``size`` does not divide by ``world``)."""
+    """Rank ``r``'s share of ``0..size-1`` in order (evaluation on several processes). When
+    ``size`` does not divide by ``world``, the last sample of some ranks repeats one of another
+    rank: every rank then runs as many forwards (ZeRO-3 and FSDP2 gather weights in lockstep), and
+    :meth:`counted` tells the metrics to skip the repeats, so each sample counts exactly once."""
 
     def __init__(self, size: int, shard: RankShard) -> None:
         self.size = size
@@ -151,6 +153,21 @@ class ShardedSequence(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         yield from self.shard(list(range(self.size)))
+
+    def counted(self, first: int, rows: int) -> torch.Tensor:
+        """Which of this rank's samples ``first .. first + rows - 1`` are not repeats."""
+        positions = self.shard.rank + torch.arange(first, first + rows) * self.shard.world
+        return positions < self.size
+
+
+def counted_rows(loader: Any, batch_idx: int, rows: int) -> torch.Tensor | None:
+    """The rows of evaluation batch ``batch_idx`` from ``loader`` that count towards metrics, or
+    None when all do (one process, or no repeat in this batch)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, ShardedSequence):
+        return None
+    counted = sampler.counted(batch_idx * loader.batch_size, rows)
+    return None if bool(counted.all()) else counted
 
 
 class ClassificationDataModule(L.LightningDataModule, ABC):

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from kdlab.config import TrainConfig
+from kdlab.data.base import counted_rows
 from kdlab.lm.config import DistillConfig
 from kdlab.lm.generation import batch_prompts, sample_continuations
 from kdlab.losses.lm import lm_loss
@@ -182,9 +183,13 @@ class LMDistillation(L.LightningModule):
         self.loss_log.log_epoch(self)
 
     # -- evaluation -------------------------------------------------------------------------------
-    def _evaluate(self, split: str, batch: Batch) -> None:
+    def _evaluate(self, split: str, batch: Batch, batch_idx: int) -> None:
         labels = batch["labels"]
         mask = labels != -100
+        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        counted = counted_rows(loader, batch_idx, len(labels))  # a sharded split's repeats
+        if counted is not None:
+            mask &= counted.to(mask.device)[:, None]
         logits = causal_logits(self.student, batch["input_ids"], batch["attention_mask"])
         nll = F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum")
         self.sums[f"{split}_nll"].update(nll)
@@ -196,8 +201,9 @@ class LMDistillation(L.LightningModule):
                 teacher_logits, student_logits = self.translation.project(teacher_logits, logits)
             agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)) & mask
             self.sums[f"{split}_agree"].update(agree.sum())
-            kl = lm_loss("forward_kl", student_logits, teacher_logits, mask) * mask.sum()
-            self.sums[f"{split}_kl"].update(kl)
+            if mask.any():  # the mean over no tokens is undefined
+                kl = lm_loss("forward_kl", student_logits, teacher_logits, mask) * mask.sum()
+                self.sums[f"{split}_kl"].update(kl)
 
     def _log_evaluation(self, split: str) -> None:
         tokens = self.sums[f"{split}_tokens"].compute().clamp(min=1)
@@ -215,13 +221,13 @@ class LMDistillation(L.LightningModule):
         self.log_dict(values, prog_bar=split == "val", sync_dist=False)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate("val", batch)
+        self._evaluate("val", batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate("test", batch)
+        self._evaluate("test", batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")

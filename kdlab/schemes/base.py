@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data.base import Batch, DataInfo
+from kdlab.data.base import Batch, DataInfo, counted_rows
 from kdlab.features import FeatureTaps, ModelOutput, tapped_forward
 from kdlab.methods.base import Method
 from kdlab.metrics import ClassificationMetrics
@@ -211,13 +211,17 @@ class DistillationScheme(L.LightningModule):
         """Logits to score, by name: "" is the student; schemes add exits or peers."""
         return {"": self.student(batch[self.input_key])}
 
-    def _evaluate(self, split: str, batch: Batch) -> None:
+    def _evaluate(self, split: str, batch: Batch, batch_idx: int) -> None:
+        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        counted = counted_rows(loader, batch_idx, len(batch["target"]))  # a sharded split's repeats
+        target = batch["target"] if counted is None else batch["target"][counted.to(batch["target"].device)]
         for name, logits in self.eval_logits(batch).items():
             key = f"{split}/{name}" if name else split
             if key not in self.metrics:  # an exit or peer seen for the first time
                 self.metrics[key] = ClassificationMetrics(self.parts.num_classes, self.parts.calibration_bins)
                 self.metrics[key].to(logits.device)
-            self.metrics[key].update(logits, batch["target"])
+            if len(target):
+                self.metrics[key].update(logits if counted is None else logits[counted.to(logits.device)], target)
             self._evaluated.add(key)
 
     def _log_evaluation(self, split: str) -> None:
@@ -229,13 +233,13 @@ class DistillationScheme(L.LightningModule):
         self.log_dict(values, prog_bar=split == "val")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate("val", batch)
+        self._evaluate("val", batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate("test", batch)
+        self._evaluate("test", batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
