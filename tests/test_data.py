@@ -7,6 +7,7 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -347,7 +348,8 @@ def test_sharded_evaluation_counts_every_sample_exactly_once(size: int, world: i
         batches = list(loader)
         batches_per_rank.add(len(batches))
         for batch_idx, batch in enumerate(batches):
-            counted = counted_rows(loader, batch_idx, len(batch["index"]))
+            trainer = SimpleNamespace(val_dataloaders=loader)  # what counted_rows reads of Lightning's trainer
+            counted = counted_rows(trainer, "val", batch_idx, len(batch["index"]))
             seen += batch["index"][counted if counted is not None else slice(None)].tolist()
     assert len(batches_per_rank) == 1
     assert sorted(seen) == list(range(size))
@@ -358,4 +360,5 @@ def test_a_loader_without_a_sharded_sampler_counts_every_row() -> None:
 
     from kdlab.data.base import counted_rows
 
-    assert counted_rows(DataLoader(list(range(10)), batch_size=4), 2, 2) is None
+    trainer = SimpleNamespace(test_dataloaders=DataLoader(list(range(10)), batch_size=4))
+    assert counted_rows(trainer, "test", 2, 2) is None

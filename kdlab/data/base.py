@@ -160,9 +160,10 @@ class ShardedSequence(Sampler[int]):
         return positions < self.size
 
 
-def counted_rows(loader: Any, batch_idx: int, rows: int) -> torch.Tensor | None:
-    """The rows of evaluation batch ``batch_idx`` from ``loader`` that count towards metrics, or
-    None when all do (one process, or no repeat in this batch)."""
+def counted_rows(trainer: L.Trainer, split: str, batch_idx: int, rows: int) -> torch.Tensor | None:
+    """The rows of ``split``'s ("val" or "test") evaluation batch ``batch_idx`` that count towards
+    metrics, or None when all do (one process, or no repeat in this batch)."""
+    loader = trainer.val_dataloaders if split == "val" else trainer.test_dataloaders
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, ShardedSequence):
         return None

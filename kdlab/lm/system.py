@@ -186,8 +186,7 @@ class LMDistillation(L.LightningModule):
     def _evaluate(self, split: str, batch: Batch, batch_idx: int) -> None:
         labels = batch["labels"]
         mask = labels != -100
-        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
-        counted = counted_rows(loader, batch_idx, len(labels))  # a sharded split's repeats
+        counted = counted_rows(self.trainer, split, batch_idx, len(labels))  # a sharded split's repeats
         if counted is not None:
             mask &= counted.to(mask.device)[:, None]
         logits = causal_logits(self.student, batch["input_ids"], batch["attention_mask"])

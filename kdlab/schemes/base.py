@@ -212,8 +212,7 @@ class DistillationScheme(L.LightningModule):
         return {"": self.student(batch[self.input_key])}
 
     def _evaluate(self, split: str, batch: Batch, batch_idx: int) -> None:
-        loader = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
-        counted = counted_rows(loader, batch_idx, len(batch["target"]))  # a sharded split's repeats
+        counted = counted_rows(self.trainer, split, batch_idx, len(batch["target"]))  # a sharded split's repeats
         target = batch["target"] if counted is None else batch["target"][counted.to(batch["target"].device)]
         for name, logits in self.eval_logits(batch).items():
             key = f"{split}/{name}" if name else split
