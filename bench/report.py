@@ -12,6 +12,8 @@ from types import ModuleType
 import torch
 from rich.table import Table
 
+from kdlab.markdown import markdown_table as kdlab_markdown_table
+
 
 def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], left: Collection[str] = ()) -> Table:
     """Columns named in ``left`` are left-aligned (labels); the rest, numbers, right-aligned."""
@@ -24,8 +26,7 @@ def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+    return "\n".join(kdlab_markdown_table(header, rows))
 
 
 def machine_line(*packages: ModuleType) -> str:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.markdown import markdown_table
 from kdlab.paper_tables import GridCell, GridSpec
 from kdlab.plots import delta_heatmap, table_figure
 
@@ -268,8 +269,7 @@ def write_grid(spec: GridSpec, report: GridReport, provenance_line: str, out_dir
         table.add_row(*line)
     console.print(table)
     stem = out_dir / spec.name
-    markdown = [f"# {spec.title}", "", "| " + " | ".join(report.header) + " |", "|" + "---|" * len(report.header)]
-    markdown += ["| " + " | ".join(line) + " |" for line in report.display]
+    markdown = [f"# {spec.title}", "", *markdown_table(report.header, report.display)]
     markdown += ["", *report.notes, "", provenance_line, "", f"![ours vs published]({spec.name}-delta.png)", ""]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(markdown))
     buffer = io.StringIO()

@@ -29,6 +29,7 @@ from kdlab.config import RuntimeConfig, load_yaml
 from kdlab.errors import ConfigError, KdlabError, unknown
 from kdlab.files import atomic_write_json, atomic_write_text
 from kdlab.launch import SlurmOptions, table_on_slurm
+from kdlab.markdown import markdown_table
 from kdlab.pipeline import Plan
 from kdlab.plots import table_figure
 from kdlab.wandb_tables import cell_runtime, log_table
@@ -342,8 +343,7 @@ def write_outputs(result: TableResult, out_dir: Path, console: Console | None = 
     console.print(table)
 
     stem = out_dir / result.spec.name
-    markdown = [f"# {result.spec.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join(line) + " |" for line in display]
+    markdown = [f"# {result.spec.title}", "", *markdown_table(header, display)]
     markdown += ["", note, ""]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(markdown))
     buffer = io.StringIO()

@@ -32,12 +32,21 @@ from kdlab.deploy.latency import (
 )
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_json, atomic_write_text
+from kdlab.markdown import markdown_table
 from kdlab.models import count_parameters
 from kdlab.plots import table_figure
 from kdlab.quantization import model_size_bytes
 from kdlab.teachers.stored import load_teacher_model, read_teacher_run
 
 CARD_PREFIX = "card/"
+EXPORT_HEADER = (
+    "file",
+    "size",
+    "top-1, test (%)",
+    "top-1 agreement with PyTorch, test (%)",
+    "batch-1 latency (ms)",
+    "peak memory (MiB)",
+)
 
 
 @dataclass
@@ -184,23 +193,23 @@ def card_rows(card: Card) -> tuple[list[str], list[list[str]]]:
 
 
 def render_markdown(card: Card, title: str) -> str:
-    header, rows = card_rows(card)
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = [f"# {title}", "", *markdown_table(*card_rows(card))]
     if card.exports:
-        lines += [
-            "",
-            "## Exported files (`kdlab export`), run with onnxruntime / torch.jit",
-            "",
-            "| file | size | top-1, test (%) | top-1 agreement with PyTorch, test (%) | batch-1 latency (ms)"
-            " | peak memory (MiB) |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {e.file} | {_mb(e.size_bytes)} | {e.top1:.2f} | {e.agreement:.2f} | {e.latency_ms:.3f}"
-            f" | {_memory(e.peak_memory_mb)} |"
-            for e in card.exports
-        ]
+        lines += ["", "## Exported files (`kdlab export`), run with onnxruntime / torch.jit", ""]
+        lines += markdown_table(
+            EXPORT_HEADER,
+            [
+                (
+                    e.file,
+                    _mb(e.size_bytes),
+                    f"{e.top1:.2f}",
+                    f"{e.agreement:.2f}",
+                    f"{e.latency_ms:.3f}",
+                    _memory(e.peak_memory_mb),
+                )
+                for e in card.exports
+            ],
+        )
     lines += ["", card.machine, ""]
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from kdlab.config import DataConfig
 from kdlab.data import create_datamodule
 from kdlab.errors import ConfigError
 from kdlab.files import atomic_write_text
+from kdlab.markdown import markdown_table
 from kdlab.metrics import evaluate_logits
 from kdlab.models import count_parameters
 from kdlab.plots import agreement_heatmap, table_figure
@@ -111,11 +112,10 @@ def teacher_report(
 
     matrix = agreement([r.logits for r in results])
     labels = [f"T{i}" for i in range(len(results))]
-    lines = ["# Teacher report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = ["# Teacher report", "", *markdown_table(header, rows)]
     lines += ["", "Top-1 agreement on the test split (fraction of samples with the same prediction):", ""]
-    lines += ["| | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
-    lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in matrix[i].tolist()) + " |" for i, a in enumerate(labels)]
+    agreement_rows = [[a, *(f"{v:.3f}" for v in matrix[i].tolist())] for i, a in enumerate(labels)]
+    lines += markdown_table(["", *labels], agreement_rows)
     lines += ["", *(f"- {label}: {r.name}, {r.run}" for label, r in zip(labels, results, strict=True)), ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "teacher-report.md", out_dir / "teacher-report.png", out_dir / "teacher-agreement.png"]
