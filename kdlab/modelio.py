@@ -19,6 +19,12 @@ MODEL_FILE_FORMAT = "kdlab-model/1"
 def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     """Load a kdlab ``model.pt``, a Lightning checkpoint of a kdlab run, or a bare state dict."""
     payload = check_checkpoint(path)
+    load_payload_weights(model, payload, path)
+    return payload if isinstance(payload, dict) else {}
+
+
+def load_payload_weights(model: nn.Module, payload: Any, path: Path) -> None:
+    """:func:`load_model_weights` for a file already read (``path`` names it in errors)."""
     if isinstance(payload, dict) and payload.get("format") == MODEL_FILE_FORMAT:
         state = payload["state_dict"]
     elif isinstance(payload, dict) and "state_dict" in payload:
@@ -37,7 +43,6 @@ def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
             f"{path} does not fit {type(model).__name__}: missing {result.missing_keys[:4]}, "
             f"unexpected {result.unexpected_keys[:4]}"
         )
-    return payload if isinstance(payload, dict) else {}
 
 
 def save_model(path: Path, model: nn.Module, name: str, kwargs: dict[str, Any], **extra: Any) -> None:

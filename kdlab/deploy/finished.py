@@ -19,7 +19,7 @@ from torch import nn
 from kdlab.config import DataConfig
 from kdlab.data import ClassificationDataModule, create_datamodule
 from kdlab.errors import ConfigError, KdlabError
-from kdlab.modelio import load_model_weights
+from kdlab.modelio import load_payload_weights
 from kdlab.models import count_parameters, create_model
 from kdlab.runs import TEACHER_GROUP, check_checkpoint, read_run_spec
 
@@ -119,7 +119,7 @@ def load_finished_student(run_dir: str | Path, data_root: str | None = None) -> 
     payload = check_checkpoint(run_dir / "model.pt")
     quantized = payload.get("quantized")
     if quantized is None:
-        load_model_weights(model, run_dir / "model.pt")
+        load_payload_weights(model, payload, run_dir / "model.pt")
     else:
         model = load_int8_student(model, quantized, payload["state_dict"], torch.zeros(2, *datamodule.input_shape))
     metrics = json.loads((run_dir / "metrics.json").read_text())
