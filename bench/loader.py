@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning
@@ -34,23 +33,13 @@ import numpy as np
 import torch
 from report import machine_line, markdown_table, rich_table
 from rich.console import Console
-from steps import one_step
+from steps import Pair, one_step
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import calculate_md5
 
 from kdlab.catalog import load_experiment
 from kdlab.pipeline import Plan, build_student_system, plan_experiment
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An experiment, what makes it runnable here, and its KD steps per round."""
-
-    experiment: str
-    overrides: tuple[str, ...]
-    steps: int
-
 
 PAIRS = {
     "mnist1d": Pair("mnist1d-kd", (), steps=20),

@@ -49,7 +49,7 @@ import torchdistill
 from lightning.pytorch.callbacks import Callback
 from report import machine_line, markdown_table, rich_table
 from rich.console import Console
-from steps import one_step
+from steps import Pair, one_step
 from torch import nn
 from torchdistill.core.distillation import DistillationBox
 
@@ -63,15 +63,6 @@ from kdlab.training import make_trainer, progress_bar, run_callbacks
 Batch = dict[str, torch.Tensor]
 Timer = Callable[[int], float]
 ATTEMPTS = itertools.count(1)  # each Trainer fit logs to its own CSV folder, as a run's attempts do
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A teacher -> student experiment, the overrides that make it runnable here, its steps per round."""
-
-    experiment: str
-    overrides: tuple[str, ...]
-    steps: int
 
 
 PAIRS = {

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher -> student experiment, the overrides that make it runnable here, its steps per round."""
+
+    experiment: str
+    overrides: tuple[str, ...]
+    steps: int
 
 
 def one_step(system: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
